@@ -1,0 +1,350 @@
+"""Typed configuration: dataclasses loaded from YAML plus ``key=value`` overrides.
+
+Every value is checked before any work starts; a bad key or value raises
+:class:`ConfigError` with a one-line message that names the key and what is valid.
+
+    cfg = load_config("configs/glm-tiny.yaml", ["train.steps=20", "mesh.model=4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Literal, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user (one line)."""
+
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """One configurable GLM decoder; each variant is a choice of these fields (GLM_SPEC §8)."""
+
+    name: str = "glm-tiny"
+    vocab_size: int = 1024
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_dim: int = 256  # FFN inner size f (GeGLU's h->4h projection outputs 2f)
+    max_seq_len: int = 512
+
+    # Block structure.
+    norm_order: Literal["post", "pre"] = "post"  # post = DeepNorm (GLM-130B, ChatGLM); pre = original GLM
+    residual_alpha: Optional[float] = None  # DeepNorm alpha; None -> (2N)^0.5 for post-LN, 1 for pre-LN
+    layernorm_epsilon: float = 1e-5
+    mlp_type: Literal["geglu", "gelu"] = "geglu"
+    gelu_approximate: bool = False  # False: exact erf GELU (GLM-130B); True: tanh form (ChatGLM, GLM)
+    use_bias: bool = True
+    tie_embeddings: bool = True
+
+    # Positions.
+    position_encoding: Literal["rotary_1d", "rotary_2d", "learned_2d"] = "rotary_1d"
+    rotary_base: float = 10000.0
+    rotary_inv_freq_fp16: bool = True  # the authors round inv_freq to fp16 (GLM_SPEC §1.7)
+    rotary_angle_dtype: Literal["float32", "float16"] = "float32"
+
+    # Attention.
+    attention_impl: Literal["auto", "xla"] = "auto"
+    attention_layer_scaling: bool = True  # q/(sqrt(d)*c), fp32 scores*c, c = layer index + 1
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+
+    # Precision and memory.
+    dtype: DType = "float32"  # compute dtype
+    param_dtype: DType = "float32"
+    scan_layers: bool = True
+    remat_policy: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+
+    # Initialisation and training tricks.
+    init: Literal["deepnorm", "normal"] = "deepnorm"
+    init_std: float = 0.0052  # word embeddings (and every weight for init=normal)
+    embedding_grad_shrink: float = 1.0  # alpha_s; 1.0 = off, GLM-130B uses 0.1
+
+    # Special tokens (ids into this model's vocabulary).
+    mask_token_id: int = 1000
+    gmask_token_id: int = 1001
+    smask_token_id: int = 1002
+    eod_token_id: int = 1003
+    sop_token_id: int = 1004
+    eop_token_id: int = 1005
+    eos_token_id: int = 1006
+    pad_token_id: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def alpha(self) -> float:
+        if self.residual_alpha is not None:
+            return self.residual_alpha
+        return math.sqrt(2.0 * self.num_layers) if self.norm_order == "post" else 1.0
+
+    @property
+    def deepnorm_beta(self) -> float:
+        return (2.0 * self.num_layers) ** -0.5
+
+    def validate(self) -> None:
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "max_seq_len"):
+            _require(getattr(self, key) > 0, f"model.{key} must be > 0, got {getattr(self, key)}")
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})",
+        )
+        if self.position_encoding == "rotary_2d":
+            _require(
+                self.head_dim % 4 == 0,
+                f"model.position_encoding=rotary_2d needs head_dim (hidden_size/num_heads = {self.head_dim}) divisible by 4",
+            )
+        if self.position_encoding == "rotary_1d":
+            _require(self.head_dim % 2 == 0, f"model.position_encoding=rotary_1d needs an even head_dim, got {self.head_dim}")
+        _require(self.layernorm_epsilon > 0, f"model.layernorm_epsilon must be > 0, got {self.layernorm_epsilon}")
+        _require(self.rotary_base > 0, f"model.rotary_base must be > 0, got {self.rotary_base}")
+        _require(self.init_std > 0, f"model.init_std must be > 0, got {self.init_std}")
+        _require(
+            0.0 < self.embedding_grad_shrink <= 1.0,
+            f"model.embedding_grad_shrink must be in (0, 1], got {self.embedding_grad_shrink}",
+        )
+        if self.residual_alpha is not None:
+            _require(self.residual_alpha > 0, f"model.residual_alpha must be > 0, got {self.residual_alpha}")
+        for key in ("attention_dropout", "hidden_dropout"):
+            _require(0.0 <= getattr(self, key) < 1.0, f"model.{key} must be in [0, 1), got {getattr(self, key)}")
+        for f in dataclasses.fields(self):
+            if f.name.endswith("_token_id"):
+                v = getattr(self, f.name)
+                _require(
+                    0 <= v < self.vocab_size,
+                    f"model.{f.name}={v} is outside the vocabulary [0, {self.vocab_size})",
+                )
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; -1 on one axis fills the remaining devices."""
+
+    data: int = -1
+    model: int = 1
+    pipe: int = 1
+
+    def axis_sizes(self, device_count: int) -> dict[str, int]:
+        sizes = {"data": self.data, "pipe": self.pipe, "model": self.model}
+        fill = [k for k, v in sizes.items() if v == -1]
+        known = math.prod(v for v in sizes.values() if v != -1)
+        if fill:
+            if device_count % known:
+                raise ConfigError(
+                    f"mesh: {device_count} devices cannot be split with "
+                    + " ".join(f"mesh.{k}={v}" for k, v in sizes.items())
+                )
+            sizes[fill[0]] = device_count // known
+        product = math.prod(sizes.values())
+        if product != device_count:
+            raise ConfigError(
+                "mesh: "
+                + " x ".join(f"mesh.{k}={v}" for k, v in sizes.items())
+                + f" = {product} devices, but {device_count} are available"
+            )
+        return sizes
+
+    def validate(self) -> None:
+        fills = 0
+        for key in ("data", "model", "pipe"):
+            v = getattr(self, key)
+            _require(v == -1 or v > 0, f"mesh.{key} must be a positive size or -1 (fill), got {v}")
+            fills += v == -1
+        _require(fills <= 1, "mesh: at most one of mesh.data, mesh.model, mesh.pipe may be -1")
+        _require(self.pipe in (1, -1), f"mesh.pipe={self.pipe}: pipeline parallelism is not available yet; use 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 10
+    batch_size: int = 8  # global batch, sequences
+    seq_len: int = 128
+    learning_rate: float = 1e-3
+    warmup_steps: int = 2
+    weight_decay: float = 0.1
+    adam_b1: float = 0.9
+    adam_b2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 1
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "seq_len", "log_every"):
+            _require(getattr(self, key) > 0, f"train.{key} must be > 0, got {getattr(self, key)}")
+        _require(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
+        _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.grad_clip > 0, f"train.grad_clip must be > 0, got {self.grad_clip}")
+        for key in ("adam_b1", "adam_b2"):
+            _require(0.0 <= getattr(self, key) < 1.0, f"train.{key} must be in [0, 1), got {getattr(self, key)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    task: Literal["synthetic"] = "synthetic"  # registered seqio tasks arrive with the data pipeline
+    synthetic_vocab_size: int = 64  # ordinary token ids the synthetic copy task draws from
+
+    def validate(self) -> None:
+        _require(self.synthetic_vocab_size > 0, f"data.synthetic_vocab_size must be > 0, got {self.synthetic_vocab_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    workdir: Optional[str] = None
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.mesh.validate()
+        self.train.validate()
+        self.data.validate()
+        _require(
+            self.train.seq_len <= self.model.max_seq_len,
+            f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# ---------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks.
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(f"{key}={value!r} is not valid; valid values: {', '.join(map(str, choices))}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r} is not valid; expected {_describe(tp)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}={value!r} is not valid; expected {_describe(tp)}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{full}'; valid keys here: {', '.join(sorted(fields))}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full)
+        else:
+            kwargs[key] = _coerce(full, value, tp)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value (e.g. train.steps=20)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def config_from_dict(data: dict, overrides: Sequence[str] = ()) -> Config:
+    data = _deep_copy(data)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(data, key, value)
+    cfg = _build(Config, data, "")
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
+    """Load YAML at ``path`` (None: all defaults), apply ``key=value`` overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return config_from_dict(data, overrides)
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    return d
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Input data for training. The seqio task registry arrives with the data pipeline."""

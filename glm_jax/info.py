@@ -1,0 +1,104 @@
+"""``python -m glm_jax.info``: parameter count and per-device memory, computed abstractly.
+
+Nothing is allocated: shapes come from ``jax.eval_shape`` of the model's init and the
+per-device share from the logical-axis rules on the configured mesh, so a laptop can
+size GLM-130B on a pod.
+
+    python -m glm_jax.info --config configs/glm-130b.yaml mesh.data=16 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glm_jax import cli
+from glm_jax.config import Config
+from glm_jax.model import GLM
+from glm_jax.parallel import rules
+
+
+def abstract_params(cfg: Config):
+    """Boxed (logically partitioned) parameter shapes, without allocating anything."""
+    m = cfg.model
+    model = GLM(m)
+    length = 8
+    tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    pos_shape = (1, 2, length) if m.position_encoding in ("rotary_2d", "learned_2d") else (1, length)
+    positions = jax.ShapeDtypeStruct(pos_shape, jnp.int32)
+    prefix = jax.ShapeDtypeStruct((1,), jnp.int32)
+    return jax.eval_shape(lambda t, p, a: model.init(jax.random.key(0), t, p, a), tokens, positions, prefix)["params"]
+
+
+def mesh_sizes(cfg: Config, devices: Optional[int]) -> dict[str, int]:
+    if devices is None:
+        devices = math.prod(v for v in (cfg.mesh.data, cfg.mesh.model, cfg.mesh.pipe) if v != -1)
+    return cfg.mesh.axis_sizes(devices)
+
+
+def report(cfg: Config, devices: Optional[int] = None) -> dict:
+    sizes = mesh_sizes(cfg, devices)
+    boxed = abstract_params(cfg)
+    shapes = rules.unbox(boxed)
+    specs = rules.logical_specs(boxed)
+    leaves = jax.tree.leaves(shapes)
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    n_params = sum(math.prod(x.shape) for x in leaves)
+    per_device_elems = 0
+    largest = 0
+    for x, spec in zip(leaves, spec_leaves):
+        local = rules.shard_shape(x.shape, rules.logical_to_mesh_spec(spec), sizes)
+        per_device_elems += math.prod(local)
+        largest = max(largest, math.prod(x.shape) * np.dtype(x.dtype).itemsize)
+    p_bytes = np.dtype(cfg.model.param_dtype).itemsize
+    params_bytes = per_device_elems * p_bytes
+    # AdamW keeps two moments shaped (and sharded) like the parameters, in the param dtype.
+    adam_bytes = 2 * per_device_elems * p_bytes
+    return {
+        "model": cfg.model.name,
+        "parameters": int(n_params),
+        "mesh": sizes,
+        "devices": math.prod(sizes.values()),
+        "param_dtype": cfg.model.param_dtype,
+        "per_device_bytes": {
+            "params": int(params_bytes),
+            "adamw_state": int(adam_bytes),
+            "total": int(params_bytes + adam_bytes),
+        },
+        "largest_tensor_bytes": int(largest),
+    }
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m glm_jax.info", description=__doc__.splitlines()[0])
+    cli.add_config_args(parser)
+    parser.add_argument("--devices", type=int, default=None, help="device count to size for (default: the mesh's explicit sizes)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    cfg = cli.config_from_args(args)
+    r = report(cfg, args.devices)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    b = r["per_device_bytes"]
+    print(f"model        {r['model']}")
+    print(f"parameters   {r['parameters']:,}")
+    print(f"mesh         {mesh} ({r['devices']} devices)")
+    print(f"per device   params {_gib(b['params'])} + AdamW state {_gib(b['adamw_state'])} = {_gib(b['total'])} ({r['param_dtype']})")
+    print(f"largest      {_gib(r['largest_tensor_bytes'])} (one parameter array, unsharded; scanned layers are one stacked array)")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

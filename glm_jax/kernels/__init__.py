@@ -1,0 +1,1 @@
+"""Attention implementations. ``reference`` is the XLA numerical reference for every kernel."""

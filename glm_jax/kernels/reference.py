@@ -1,0 +1,55 @@
+"""XLA attention with GLM's mask: the numerical reference for every fused kernel.
+
+Follows the authors' arithmetic (GLM_SPEC §1.3): with c = layer index + 1,
+q <- q / (sqrt(d) * c) in the compute dtype, scores = q.k accumulated in float32,
+masked scores set to -10000, scores * c in float32, softmax in float32, then the
+probabilities cast back to the compute dtype for the product with v. Without layer
+scaling it is plain softmax(q.k / sqrt(d)). The L x L mask exists only inside this
+function, built from one integer per token (see ``glm_jax.model.masks``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from glm_jax.model import masks
+
+MASK_VALUE = -10000.0
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    part_a_end: jax.Array,
+    segment_ids: Optional[jax.Array],
+    *,
+    layer_scale: Optional[jax.Array] = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Optional[jax.Array] = None,
+) -> jax.Array:
+    """q, k, v: ``[batch, length, heads, head_dim]``; returns the same shape and dtype as q.
+
+    layer_scale: c = layer_index + 1 (scalar), or None for no layer scaling.
+    """
+    d = q.shape[-1]
+    if layer_scale is None:
+        q = q / jnp.asarray(math.sqrt(d), q.dtype)
+    else:
+        c = jnp.asarray(layer_scale, jnp.float32)
+        q = q / (jnp.float32(math.sqrt(d)) * c).astype(q.dtype)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    mask = masks.dense_visibility(part_a_end, segment_ids)[:, None, :, :]
+    scores = jnp.where(mask, scores, jnp.float32(MASK_VALUE))
+    if layer_scale is not None:
+        scores = scores * c
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    probs = probs.astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)

@@ -1,0 +1,61 @@
+"""One GLM layer: attention + MLP with a DeepNorm post-LN or a pre-LN residual.
+
+post (GLM-130B, ChatGLM-6B; GLM_SPEC §1.2): the residual is the LayerNorm *output*
+scaled by alpha:  a = LN_in(x); y = a*alpha + Attn(a); b = LN_post(y); out = b*alpha + MLP(b).
+pre (original GLM):  y = x + Attn(LN_in(x)); out = y + MLP(LN_post(y)).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from glm_jax.config import ModelConfig
+from glm_jax.model import init
+from glm_jax.model.attention import Attention
+from glm_jax.model.mlp import MLP
+
+
+def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=cfg.layernorm_epsilon,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        scale_init=init.ones(("embed",)),
+        bias_init=init.zeros(("embed",)),
+        name=name,
+    )
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        layer_index: jax.Array,
+        positions: jax.Array,
+        part_a_end: jax.Array,
+        segment_ids: Optional[jax.Array],
+    ) -> jax.Array:
+        cfg = self.cfg
+        attn = Attention(cfg, deterministic=self.deterministic, name="attention")
+        mlp = MLP(cfg, name="mlp")
+        drop = nn.Dropout(cfg.hidden_dropout, deterministic=self.deterministic)
+        ln_in = layer_norm(cfg, "input_layernorm")
+        ln_post = layer_norm(cfg, "post_attention_layernorm")
+        if cfg.norm_order == "post":
+            alpha = jnp.asarray(cfg.alpha, x.dtype)
+            a = ln_in(x)
+            y = a * alpha + drop(attn(a, layer_index, positions, part_a_end, segment_ids))
+            b = ln_post(y)
+            out = b * alpha + drop(mlp(b))
+        else:
+            y = x + drop(attn(ln_in(x), layer_index, positions, part_a_end, segment_ids))
+            out = y + drop(mlp(ln_post(y)))
+        return nn.with_logical_constraint(out, ("batch", "length", "act_embed"))

@@ -1,0 +1,126 @@
+"""The GLM decoder: embeddings -> stacked blocks (scanned or unrolled) -> final norm -> head.
+
+One configurable module covers GLM-130B, ChatGLM-6B and the original GLM (GLM_SPEC §8).
+Inputs are token ids, positions (``[b, L]`` or ``[b, 2, L]``), per-example Part A
+lengths and optional segment ids; see ``glm_jax.model.masks`` for the mask rule and
+``masks.prepare_inputs`` to build these from token ids.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from glm_jax.config import ModelConfig
+from glm_jax.model import init, masks
+from glm_jax.model.block import Block, layer_norm
+from glm_jax.model.grad_shrink import shrink_grad
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _block_class(cfg: ModelConfig):
+    if cfg.remat_policy == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+
+
+class _ScanBody(nn.Module):
+    """Adapts Block to nn.scan's (carry, x) -> (carry, y) signature."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, layer_index, positions, part_a_end, segment_ids):
+        block = _block_class(self.cfg)(self.cfg, deterministic=self.deterministic, name="block")
+        return block(x, layer_index, positions, part_a_end, segment_ids), None
+
+
+class GLM(nn.Module):
+    cfg: ModelConfig
+    deterministic: bool = True  # False enables dropout (needs a "dropout" rng)
+
+    def setup(self):
+        cfg = self.cfg
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                _ScanBody,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            self.layers = scanned(cfg, deterministic=self.deterministic)
+        else:
+            block_cls = _block_class(cfg)
+            # A list attribute names its modules layers_0, layers_1, ...
+            self.layers = [block_cls(cfg, deterministic=self.deterministic) for _ in range(cfg.num_layers)]
+        pdtype = jnp.dtype(cfg.param_dtype)
+        self.word_embeddings = self.param("word_embeddings", init.embedding(cfg), (cfg.vocab_size, cfg.hidden_size), pdtype)
+        if cfg.position_encoding == "learned_2d":
+            shape = (cfg.max_seq_len + 1, cfg.hidden_size)
+            self.position_embeddings = self.param("position_embeddings", init.embedding(cfg, ("positions", "embed")), shape, pdtype)
+            self.block_position_embeddings = self.param(
+                "block_position_embeddings", init.embedding(cfg, ("positions", "embed")), shape, pdtype
+            )
+        if not cfg.tie_embeddings:
+            self.lm_head = self.param("lm_head", init.embedding(cfg, ("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), pdtype)
+        self.final_layernorm = layer_norm(cfg, "final_layernorm")
+
+    def _embedding_table(self) -> jax.Array:
+        table = self.word_embeddings
+        if self.cfg.embedding_grad_shrink != 1.0:
+            table = shrink_grad(table, self.cfg.embedding_grad_shrink)
+        return table
+
+    def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        x = jnp.take(self._embedding_table(), tokens, axis=0).astype(dtype)
+        if cfg.position_encoding == "learned_2d":
+            x = x + jnp.take(self.position_embeddings, positions[:, 0], axis=0).astype(dtype)
+            x = x + jnp.take(self.block_position_embeddings, positions[:, 1], axis=0).astype(dtype)
+        return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """Logits ``[b, L, vocab]`` in the compute dtype from final hidden states."""
+        dtype = jnp.dtype(self.cfg.dtype)
+        if self.cfg.tie_embeddings:
+            logits = jnp.einsum("bld,vd->blv", hidden, self._embedding_table().astype(dtype))
+        else:
+            logits = jnp.einsum("bld,dv->blv", hidden, self.lm_head.astype(dtype))
+        return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        prefix_len: jax.Array,
+        segment_ids: Optional[jax.Array] = None,
+        *,
+        return_hidden: bool = False,
+    ) -> jax.Array:
+        cfg = self.cfg
+        length = tokens.shape[1]
+        positions = jnp.asarray(positions, jnp.int32)
+        a_end = masks.part_a_end(prefix_len, segment_ids, length)
+        x = self.embed(tokens, positions)
+        if cfg.scan_layers:
+            layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+            x, _ = self.layers(x, layer_ids, positions, a_end, segment_ids)
+        else:
+            for i, block in enumerate(self.layers):
+                x = block(x, jnp.asarray(i, jnp.int32), positions, a_end, segment_ids)
+        x = self.final_layernorm(x)
+        if return_hidden:
+            return x
+        return self.head(x)

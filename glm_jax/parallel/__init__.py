@@ -1,0 +1,1 @@
+"""Where sharding lives: the logical-axis rules table and the device mesh."""

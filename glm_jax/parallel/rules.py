@@ -1,0 +1,97 @@
+"""THE table mapping logical axis names to mesh axes.
+
+Model code names only logical axes (``vocab``, ``embed``, ``heads`` ...); this module
+is the one place that says which mesh axis (``data``, ``model``, ``pipe``) each lands
+on. Mesh axes of size 1 cost nothing, so the table is the same for every mesh shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "pipe", "model")
+
+# (logical name, mesh axis or None). Unlisted names are replicated.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    # Activations.
+    ("batch", "data"),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "model"),
+    ("act_mlp", "model"),
+    ("act_vocab", "model"),
+    # Parameters.
+    ("vocab", "model"),
+    ("embed", None),
+    ("heads", "model"),
+    ("head_dim", None),
+    ("qkv", None),
+    ("glu", None),
+    ("mlp", "model"),
+    ("positions", None),
+    ("layers", None),
+)
+
+
+def logical_axis_rules() -> tuple[tuple[str, Any], ...]:
+    return LOGICAL_AXIS_RULES
+
+
+def logical_to_sharding(logical_spec_tree: Any, mesh: Mesh) -> Any:
+    """Map a tree of logical PartitionSpecs to NamedShardings on ``mesh``."""
+    return nn.logical_to_mesh_sharding(logical_spec_tree, mesh, LOGICAL_AXIS_RULES)
+
+
+def logical_to_mesh_spec(logical_spec: PartitionSpec) -> PartitionSpec:
+    return nn.logical_to_mesh_axes(tuple(logical_spec), LOGICAL_AXIS_RULES)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Sharding for an input array whose leading axis is the batch."""
+    spec = logical_to_mesh_spec(PartitionSpec("batch", *([None] * (ndim - 1))))
+    return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_shape(shape: tuple[int, ...], mesh_spec: PartitionSpec, axis_sizes: dict[str, int]) -> tuple[int, ...]:
+    """Per-device shape of an array of ``shape`` laid out by ``mesh_spec`` (no devices needed)."""
+    out = list(shape)
+    for i, entry in enumerate(tuple(mesh_spec)):
+        if entry is None:
+            continue
+        names = entry if isinstance(entry, tuple) else (entry,)
+        n = 1
+        for name in names:
+            n *= axis_sizes[name]
+        out[i] = -(-shape[i] // n)
+    return tuple(out)
+
+
+def unbox(tree: Any) -> Any:
+    """Strip flax's LogicallyPartitioned boxes, keeping plain arrays."""
+    return nn.meta.unbox(tree)
+
+
+def logical_specs(boxed_tree: Any) -> Any:
+    return nn.get_partition_spec(boxed_tree)
+
+
+__all__ = [
+    "LOGICAL_AXIS_RULES",
+    "MESH_AXES",
+    "batch_sharding",
+    "logical_axis_rules",
+    "logical_specs",
+    "logical_to_mesh_spec",
+    "logical_to_sharding",
+    "replicated",
+    "shard_shape",
+    "unbox",
+]

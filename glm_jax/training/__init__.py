@@ -1,0 +1,1 @@
+"""Training: loss, optimizer, sharded train state and step."""

@@ -1,0 +1,102 @@
+"""Train state created directly in its sharded layout, and the jitted train step.
+
+Shardings come from the parameters' logical axis names through the one rules table
+(``glm_jax.parallel.rules``); AdamW moments inherit their parameter's layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from glm_jax.config import Config
+from glm_jax.model import GLM
+from glm_jax.parallel import rules
+from glm_jax.training.loss import masked_cross_entropy
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def _example_inputs(cfg: Config, batch: int = 1):
+    m = cfg.model
+    length = cfg.train.seq_len
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    two_d = m.position_encoding in ("rotary_2d", "learned_2d")
+    positions = jnp.zeros((batch, 2, length) if two_d else (batch, length), jnp.int32)
+    prefix = jnp.zeros((batch,), jnp.int32)
+    return tokens, positions, prefix
+
+
+def _init_boxed(cfg: Config, model: GLM, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    params = model.init(rng, *_example_inputs(cfg))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def state_shardings(cfg: Config, model: GLM, optimizer, mesh: Mesh):
+    abstract = jax.eval_shape(lambda r: _init_boxed(cfg, model, optimizer, r), jax.random.key(0))
+    return rules.logical_to_sharding(rules.logical_specs(abstract), mesh)
+
+
+def init_state(cfg: Config, model: GLM, optimizer, mesh: Mesh, rng: jax.Array) -> TrainState:
+    """Initialise parameters and optimizer state directly into their shardings."""
+    shardings = state_shardings(cfg, model, optimizer, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules.logical_axis_rules()):
+        init = jax.jit(lambda r: rules.unbox(_init_boxed(cfg, model, optimizer, r)), out_shardings=shardings)
+        return init(rng)
+
+
+def loss_fn(model: GLM, params, batch: dict, dropout_rng: jax.Array | None = None):
+    logits = model.apply(
+        {"params": params},
+        batch["tokens"],
+        batch["positions"],
+        batch["prefix_len"],
+        batch.get("segment_ids"),
+        rngs=None if dropout_rng is None else {"dropout": dropout_rng},
+    )
+    loss_sum, weight = masked_cross_entropy(logits, batch["targets"], batch["loss_weights"])
+    return loss_sum / jnp.maximum(weight, 1.0), weight
+
+
+def make_train_step(cfg: Config, model: GLM, optimizer, mesh: Mesh, state_sharding) -> Callable:
+    """A jitted ``(state, batch) -> (state, metrics)`` with explicit shardings; donates the state."""
+    dropout = cfg.model.attention_dropout > 0 or cfg.model.hidden_dropout > 0
+    seed_key = jax.random.key(cfg.train.seed + 1)
+
+    def step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(seed_key, state.step) if dropout else None
+        (loss, weight), grads = jax.value_and_grad(lambda p: loss_fn(model, p, batch, rng), has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "target_tokens": weight}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def batch_sharding(batch):
+        return jax.tree.map(lambda x: rules.batch_sharding(mesh, x.ndim), batch)
+
+    jitted = {}
+
+    def run(state, batch):
+        key = tuple(sorted(batch))
+        if key not in jitted:
+            jitted[key] = jax.jit(
+                step,
+                in_shardings=(state_sharding, batch_sharding(batch)),
+                out_shardings=(state_sharding, rules.replicated(mesh)),
+                donate_argnums=(0,),
+            )
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules.logical_axis_rules()):
+            return jitted[key](state, batch)
+
+    return run
