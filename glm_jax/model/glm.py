@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from glm_jax.config import ModelConfig
 from glm_jax.model import init, masks
 from glm_jax.model.block import Block, layer_norm
-from glm_jax.model.grad_shrink import shrink_grad
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -76,16 +75,10 @@ class GLM(nn.Module):
             self.lm_head = self.param("lm_head", init.embedding(cfg, ("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), pdtype)
         self.final_layernorm = layer_norm(cfg, "final_layernorm")
 
-    def _embedding_table(self) -> jax.Array:
-        table = self.word_embeddings
-        if self.cfg.embedding_grad_shrink != 1.0:
-            table = shrink_grad(table, self.cfg.embedding_grad_shrink)
-        return table
-
     def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        x = jnp.take(self._embedding_table(), tokens, axis=0).astype(dtype)
+        x = jnp.take(self.word_embeddings, tokens, axis=0).astype(dtype)
         if cfg.position_encoding == "learned_2d":
             x = x + jnp.take(self.position_embeddings, positions[:, 0], axis=0).astype(dtype)
             x = x + jnp.take(self.block_position_embeddings, positions[:, 1], axis=0).astype(dtype)
@@ -95,7 +88,7 @@ class GLM(nn.Module):
         """Logits ``[b, L, vocab]`` in the compute dtype from final hidden states."""
         dtype = jnp.dtype(self.cfg.dtype)
         if self.cfg.tie_embeddings:
-            logits = jnp.einsum("bld,vd->blv", hidden, self._embedding_table().astype(dtype))
+            logits = jnp.einsum("bld,vd->blv", hidden, self.word_embeddings.astype(dtype))
         else:
             logits = jnp.einsum("bld,dv->blv", hidden, self.lm_head.astype(dtype))
         return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from glm_jax.config import Config
 from glm_jax.model import GLM
+from glm_jax.model.grad_shrink import shrink_embedding_gradient
 from glm_jax.parallel import rules
 from glm_jax.training.loss import masked_cross_entropy
 
@@ -69,6 +70,12 @@ def loss_fn(model: GLM, params, batch: dict, dropout_rng: jax.Array | None = Non
     return loss_sum / jnp.maximum(weight, 1.0), weight
 
 
+def loss_and_grads(model: GLM, params, batch: dict, dropout_rng: jax.Array | None = None):
+    """Loss, target-token count and the gradients the optimizer sees (embedding shrink applied)."""
+    (loss, weight), grads = jax.value_and_grad(lambda p: loss_fn(model, p, batch, dropout_rng), has_aux=True)(params)
+    return loss, weight, shrink_embedding_gradient(grads, model.cfg)
+
+
 def make_train_step(cfg: Config, model: GLM, optimizer, mesh: Mesh, state_sharding) -> Callable:
     """A jitted ``(state, batch) -> (state, metrics)`` with explicit shardings; donates the state."""
     dropout = cfg.model.attention_dropout > 0 or cfg.model.hidden_dropout > 0
@@ -76,7 +83,7 @@ def make_train_step(cfg: Config, model: GLM, optimizer, mesh: Mesh, state_shardi
 
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(seed_key, state.step) if dropout else None
-        (loss, weight), grads = jax.value_and_grad(lambda p: loss_fn(model, p, batch, rng), has_aux=True)(state.params)
+        loss, weight, grads = loss_and_grads(model, state.params, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "target_tokens": weight}

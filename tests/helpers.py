@@ -1,0 +1,90 @@
+"""Small shared helpers for the tests: variant configs and randomised parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glm_jax.config import ModelConfig
+from glm_jax.model import GLM
+
+BASE = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_layers=3,
+    num_heads=4,
+    mlp_dim=48,
+    max_seq_len=64,
+    mask_token_id=100,
+    gmask_token_id=101,
+    smask_token_id=102,
+    eod_token_id=103,
+    sop_token_id=104,
+    eop_token_id=105,
+    eos_token_id=106,
+    pad_token_id=0,
+)
+
+# The variants of GLM_SPEC §8, at test size.
+VARIANTS = {
+    "glm-130b": ModelConfig(
+        name="glm-130b-small", norm_order="post", mlp_type="geglu", gelu_approximate=False,
+        position_encoding="rotary_1d", tie_embeddings=True, **BASE,
+    ),
+    "chatglm-6b": ModelConfig(
+        name="chatglm-small", norm_order="post", residual_alpha=56 ** 0.5, mlp_type="gelu", gelu_approximate=True,
+        position_encoding="rotary_2d", tie_embeddings=False, **BASE,
+    ),
+    "glm-original": ModelConfig(
+        name="glm-small", norm_order="pre", mlp_type="gelu", gelu_approximate=True, position_encoding="learned_2d",
+        tie_embeddings=True, attention_layer_scaling=False, init="normal", init_std=0.02, **BASE,
+    ),
+}
+
+
+def variant(name: str, **overrides) -> ModelConfig:
+    return dataclasses.replace(VARIANTS[name], **overrides)
+
+
+def init_params(cfg: ModelConfig, seed: int = 0, length: int = 8):
+    model = GLM(cfg)
+    tokens = jnp.zeros((1, length), jnp.int32)
+    two_d = cfg.position_encoding in ("rotary_2d", "learned_2d")
+    positions = jnp.zeros((1, 2, length) if two_d else (1, length), jnp.int32)
+    variables = model.init(jax.random.key(seed), tokens, positions, jnp.zeros((1,), jnp.int32))
+    return nn_unbox(variables["params"])
+
+
+def nn_unbox(tree):
+    import flax.linen as nn
+
+    return nn.meta.unbox(tree)
+
+
+def randomize(params, seed: int = 1, scale: float = 1.0):
+    """Replace every parameter with well-scaled noise so numerical checks see real signal
+    (init alone leaves biases at zero and LayerNorms at identity)."""
+    leaves, treedef = jax.tree.flatten_with_path(params)
+    rng = np.random.default_rng(seed)
+    out = []
+    for path, x in leaves:
+        name = jax.tree_util.keystr(path)
+        shape = x.shape
+        if "scale" in name:
+            v = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif "bias" in name:
+            v = 0.1 * rng.standard_normal(shape)
+        elif "embeddings" in name or "lm_head" in name:
+            v = 0.5 * rng.standard_normal(shape)
+        else:
+            v = scale * 0.15 * rng.standard_normal(shape)
+        out.append(jnp.asarray(v, x.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def glm_row(cfg: ModelConfig, text, mask_token: int, target=()) -> list[int]:
+    """``text [MASK] <sop> target`` as a token list."""
+    return list(text) + [mask_token, cfg.sop_token_id] + list(target)
