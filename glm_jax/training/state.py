@@ -86,7 +86,7 @@ def make_train_step(cfg: Config, model: GLM, optimizer, mesh: Mesh, state_shardi
         loss, weight, grads = loss_and_grads(model, state.params, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "target_tokens": weight}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "target_tokens": weight}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def batch_sharding(batch):
