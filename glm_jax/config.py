@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from typing import Any, Literal, Optional, Sequence
@@ -331,17 +332,40 @@ def config_from_dict(data: dict, overrides: Sequence[str] = ()) -> Config:
     return cfg
 
 
+def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
+    """Read a config file; a top-level ``base: FILE`` (relative to this file) is loaded first
+    and this file's values are merged over it."""
+    real = os.path.realpath(path)
+    if real in seen:
+        raise ConfigError(f"config file {path} includes itself through 'base'")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"'base' in {path} must be a file name, got {base!r}")
+    parent = _read_yaml(os.path.join(os.path.dirname(path), base), seen + (real,))
+    return _merge(parent, data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
     """Load YAML at ``path`` (None: all defaults), apply ``key=value`` overrides, validate."""
-    data: dict = {}
-    if path is not None:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = _read_yaml(path) if path is not None else {}
     return config_from_dict(data, overrides)
 
 

@@ -36,8 +36,19 @@ def test_130b_and_chatglm_configs_carry_the_spec_values():
     c = load_config(os.path.join(ROOT, "configs/chatglm-6b.yaml")).model
     assert c.alpha == pytest.approx(56 ** 0.5) and not c.tie_embeddings and c.vocab_size == 130528
     assert (c.mlp_type, c.gelu_approximate, c.position_encoding) == ("gelu", True, "rotary_2d")
-    legacy = load_config(os.path.join(ROOT, "configs/chatglm-6b.yaml"), ["model.vocab_size=150528"]).model
-    assert legacy.vocab_size == 150528
+    legacy = load_config(os.path.join(ROOT, "configs/chatglm-6b-legacy.yaml")).model
+    assert (legacy.vocab_size, legacy.gmask_token_id, legacy.sop_token_id, legacy.pad_token_id) == (150528, 150001, 150004, 20003)
+    assert legacy.num_layers == 28 and legacy.position_encoding == "rotary_2d"  # the rest comes from its base
+
+
+def test_base_file_cycles_and_bad_sections_are_reported(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("model: 3\n")
+    with pytest.raises(ConfigError, match="model must be a mapping"):
+        load_config(str(tmp_path / "c.yaml"))
 
 
 @pytest.mark.parametrize(
