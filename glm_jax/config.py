@@ -193,10 +193,39 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    task: Literal["synthetic"] = "synthetic"  # registered seqio tasks arrive with the data pipeline
-    synthetic_vocab_size: int = 64  # ordinary token ids the synthetic copy task draws from
+    """Training data: a GLM mixture over a corpus (see glm_jax/data/tasks.py)."""
+
+    mixture: Literal["glm130b", "glm-original", "mask", "smask", "gmask", "instructions", "synthetic"] = "glm130b"
+    corpus: str = "stdlib"  # stdlib | text:GLOB | jsonl:GLOB[:FIELD] | tfds:NAME
+    instructions: str = "stdlib"  # stdlib | jsonl:GLOB (prompt/response) | none
+    vocab: Optional[str] = None  # SentencePiece model; None = trained on the default corpus and cached
+    vocab_id_offset: int = 0  # model id = piece id - offset (20000 for ChatGLM-6B's ice_text.model)
+    pack: bool = False  # pack several examples per row (segment ids, per-segment Part A lengths)
+    samples_per_row: int = 1  # [MASK]/[sMASK] samples are seq_len/this long (GLM-130B: 4, packed)
+    mask_ratio: float = 0.15
+    gmask_min_ratio: Optional[float] = None  # None: 0.2 (GLM-130B), 0.5 for glm-original
+    mask_rate: Optional[float] = None  # None: the mixture's own share
+    smask_rate: Optional[float] = None
+    gmask_rate: Optional[float] = None
+    instructions_rate: Optional[float] = None
+    shuffle_buffer: int = 1000
+    tfds_data_dir: Optional[str] = None
+    synthetic_vocab_size: int = 64  # mixture=synthetic: ordinary ids of the copy task
 
     def validate(self) -> None:
+        from glm_jax.data.tasks import parse_source  # the one parser of source specs
+
+        parse_source(self.corpus, "data.corpus")
+        parse_source(self.instructions, "data.instructions")
+        _require(self.samples_per_row > 0, f"data.samples_per_row must be > 0, got {self.samples_per_row}")
+        _require(0.0 < self.mask_ratio < 0.5, f"data.mask_ratio must be in (0, 0.5), got {self.mask_ratio}")
+        if self.gmask_min_ratio is not None:
+            _require(0.0 <= self.gmask_min_ratio <= 1.0, f"data.gmask_min_ratio must be in [0, 1], got {self.gmask_min_ratio}")
+        for key in ("mask_rate", "smask_rate", "gmask_rate", "instructions_rate"):
+            v = getattr(self, key)
+            _require(v is None or v >= 0, f"data.{key} must be >= 0, got {v}")
+        _require(self.shuffle_buffer > 0, f"data.shuffle_buffer must be > 0, got {self.shuffle_buffer}")
+        _require(self.vocab_id_offset >= 0, f"data.vocab_id_offset must be >= 0, got {self.vocab_id_offset}")
         _require(self.synthetic_vocab_size > 0, f"data.synthetic_vocab_size must be > 0, got {self.synthetic_vocab_size}")
 
 

@@ -27,7 +27,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import jax
     import numpy as np
 
-    from glm_jax.data.synthetic import copy_batch
+    from glm_jax.data.pipeline import batches
     from glm_jax.model import GLM
     from glm_jax.parallel.mesh import make_mesh
     from glm_jax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -52,9 +52,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     step_fn = make_train_step(cfg, model, optimizer, mesh, state_shardings(cfg, model, optimizer, mesh))
     schedule = learning_rate_schedule(cfg.train)
 
+    log(f"glm_jax.train: data {cfg.data.mixture} on corpus {cfg.data.corpus}")
+    data = batches(cfg, "train")
     tokens_seen, t_start, metrics, loss = 0, None, None, float("nan")
     for step in range(cfg.train.steps):
-        batch = copy_batch(cfg.model, cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed, step, cfg.data.synthetic_vocab_size)
+        batch = next(data)
         state, metrics = step_fn(state, batch)
         if step == 0:
             loss = float(metrics["loss"])  # wait for compilation before timing
@@ -70,6 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"step {done}/{cfg.train.steps}  loss {loss:.4f}  lr {float(schedule(step)):.2e}  "
                 f"grad_norm {float(metrics['grad_norm']):.3f}  tokens/s {tps:,.0f}"
             )
+    data.close()
     elapsed = time.perf_counter() - t_start if t_start else 0.0
     result = {
         "step": cfg.train.steps,

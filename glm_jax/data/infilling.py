@@ -37,6 +37,8 @@ def _span_length_pmf() -> np.ndarray:
 
 
 SPAN_LENGTH_PMF = _span_length_pmf()
+_SPAN_LENGTH_CDF = np.cumsum(SPAN_LENGTH_PMF)
+_SPAN_LENGTH_CDF[-1] = 1.0
 SPAN_LENGTH_MEAN = float((np.arange(1, MAX_SPAN + 1) * SPAN_LENGTH_PMF).sum())
 
 
@@ -83,12 +85,14 @@ def mask_count(n: int, ratio: float, rng: np.random.Generator) -> int:
 
 def sample_span_lengths(total: int, rng: np.random.Generator) -> list[int]:
     """Poisson(3) lengths over 1..39 until they reach ``total``; the last is cut to hit it exactly."""
-    lengths: list[int] = []
-    left = total
-    while left > 0:
-        length = int(rng.choice(MAX_SPAN, p=SPAN_LENGTH_PMF)) + 1
-        lengths.append(min(length, left))
-        left -= lengths[-1]
+    if total <= 0:
+        return []
+    # Each length is >= 1, so ``total`` draws always suffice; draw them at once.
+    draws = np.searchsorted(_SPAN_LENGTH_CDF, rng.random(total), side="right") + 1
+    ends = np.cumsum(draws)
+    k = int(np.searchsorted(ends, total)) + 1  # first prefix that reaches total
+    lengths = draws[:k].tolist()
+    lengths[-1] -= int(ends[k - 1]) - total
     return lengths
 
 

@@ -1,0 +1,25 @@
+"""``python -m glm_jax.bench {data} [--json] [--config PATH] [key=value ...]``"""
+
+from __future__ import annotations
+
+import sys
+
+from glm_jax import cli
+
+BENCHES = ("data",)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in BENCHES:
+        print(f"usage: python -m glm_jax.bench {{{','.join(BENCHES)}}} [--json] [--config PATH] [key=value ...]", file=sys.stderr)
+        return 2
+    if argv[0] == "data":
+        from glm_jax.bench import data
+
+        return data.main(argv[1:])
+    return 2
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
