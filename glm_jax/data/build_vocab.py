@@ -49,21 +49,10 @@ def train(files: Sequence[str], vocab_size: int, output: str, *, model_type: str
                             if sentence.strip():
                                 out.write(sentence + "\n")
         prefix = os.path.join(tmp, "sp")
-        spm.SentencePieceTrainer.train(
-            input=text,
-            model_prefix=prefix,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            pad_id=0,
-            eos_id=1,
-            unk_id=2,
-            bos_id=-1,
-            character_coverage=1.0,
-            num_threads=1,
-            shuffle_input_sentence=False,
-            input_sentence_size=2_000_000,
-            minloglevel=2,
-        )
+        try:
+            _train_sp(spm, text, prefix, vocab_size, model_type)
+        except RuntimeError as e:  # e.g. a vocabulary larger than the text supports
+            raise ConfigError(f"sentencepiece: {str(e).strip().splitlines()[0]}") from None
         from sentencepiece import sentencepiece_model_pb2
 
         proto = sentencepiece_model_pb2.ModelProto()
@@ -77,6 +66,24 @@ def train(files: Sequence[str], vocab_size: int, output: str, *, model_type: str
             dst.write(proto.SerializeToString())
         os.replace(tmp_out, output)
     return output
+
+
+def _train_sp(spm, text: str, prefix: str, vocab_size: int, model_type: str) -> None:
+    spm.SentencePieceTrainer.train(
+        input=text,
+        model_prefix=prefix,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        num_threads=1,  # deterministic
+        shuffle_input_sentence=False,
+        input_sentence_size=2_000_000,
+        minloglevel=2,
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -135,3 +135,10 @@ def test_inspect_and_bench_commands(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["pipeline_tokens_per_s"] > 0 and result["train_step_tokens_per_s"] > 0 and result["ratio"] > 0
+
+
+def test_each_process_reads_its_own_shard():
+    cfg = cfg_with("data.mixture=gmask", "data.pack=false")
+    halves = [take(cfg, 1, process_index=i, process_count=2)[0] for i in range(2)]
+    assert halves[0]["tokens"].shape == (2, 64)  # half the global batch each
+    assert not np.array_equal(halves[0]["tokens"], halves[1]["tokens"])
