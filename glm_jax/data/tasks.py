@@ -47,7 +47,7 @@ MIXTURES = {
     "instructions": {"instructions": 1.0},
 }
 GMASK_MIN_RATIO = {"glm-original": 0.5}  # else 0.2, GLM-130B's
-READ_BLOCK = 256  # documents per Python -> TensorFlow hand-over
+READ_BLOCK = prep.BLOCK  # documents per Python -> TensorFlow hand-over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +174,7 @@ def _text_source(spec: SourceSpec, fields: tuple[str, ...]):
                 yield block
 
         sig = {k: tf.TensorSpec((None,), tf.string) for k in keys}
-        return tf.data.Dataset.from_generator(gen, output_signature=sig).unbatch()
+        return tf.data.Dataset.from_generator(gen, output_signature=sig)  # blocks, see preprocessors
 
     return seqio.FunctionDataSource(dataset_fn, splits=["train", "validation"])
 
@@ -262,7 +262,12 @@ def register(cfg: Config, vocab) -> str:
                 name,
                 source,
                 output_features=feats,
-                preprocessors=[prep.tokenize(vocab.encode_tf), prep.chunk(max(1, chunk_for[obj])), objective],
+                preprocessors=[
+                    prep.as_blocks(("text",)),
+                    prep.tokenize(vocab.encode_tf),
+                    prep.chunk(max(1, chunk_for[obj])),
+                    objective,
+                ],
                 shuffle_buffer_size=d.shuffle_buffer,
             ),
             seqio.TaskRegistry,
@@ -278,7 +283,11 @@ def register(cfg: Config, vocab) -> str:
                 name,
                 _text_source(spec, ("prompt", "response")),
                 output_features=feats,
-                preprocessors=[prep.tokenize_pairs(vocab.encode_tf), prep.instruction(ids, one_d=one_d, max_len=length)],
+                preprocessors=[
+                    prep.as_blocks(("prompt", "response")),
+                    prep.tokenize(vocab.encode_tf, ("prompt", "response"), ("prompt", "response")),
+                    prep.instruction(ids, one_d=one_d, max_len=length),
+                ],
                 shuffle_buffer_size=d.shuffle_buffer,
             ),
             seqio.TaskRegistry,

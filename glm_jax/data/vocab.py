@@ -49,6 +49,7 @@ class GLMVocabulary:
         if not os.path.exists(sp_model_path):
             raise ConfigError(f"vocabulary file not found: {sp_model_path}")
         self.path = sp_model_path
+        self._seqio = None
         self.cfg = cfg
         self.id_offset = id_offset
         self.sp = spm.SentencePieceProcessor(model_file=sp_model_path)
@@ -116,9 +117,16 @@ class GLMVocabulary:
         return _seqio().SentencePieceVocabulary(self.path)
 
     def encode_tf(self, text):
+        """A string -> ids, or a block of strings -> ragged ids (image ids below the offset dropped)."""
         import tensorflow as tf
 
-        ids = tf.cast(self.seqio().encode_tf(text), tf.int32) - self.id_offset
+        if self._seqio is None:
+            self._seqio = self.seqio()
+        ids = self._seqio.encode_tf(text)
+        if isinstance(ids, tf.RaggedTensor):
+            ids = ids.with_flat_values(tf.cast(ids.flat_values, tf.int32) - self.id_offset)
+            return tf.ragged.boolean_mask(ids, ids >= 0)
+        ids = tf.cast(ids, tf.int32) - self.id_offset
         return tf.boolean_mask(ids, ids >= 0)
 
 
