@@ -179,9 +179,15 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 1
+    checkpoint_every: int = 100  # steps between checkpoints in workdir/checkpoints (0: only at the end)
+    keep_checkpoints: int = 3
+    eval_every: int = 0  # steps between eval-loss runs on the held-out split (0: only at the end)
+    eval_batches: int = 4
 
     def validate(self) -> None:
-        for key in ("steps", "batch_size", "seq_len", "log_every"):
+        for key in ("checkpoint_every", "eval_every"):
+            _require(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("steps", "batch_size", "seq_len", "log_every", "keep_checkpoints", "eval_batches"):
             _require(getattr(self, key) > 0, f"train.{key} must be > 0, got {getattr(self, key)}")
         _require(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
         _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")

@@ -27,6 +27,7 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    skipped: jax.Array  # updates skipped because the loss or a gradient was not finite
 
 
 def _example_inputs(cfg: Config, batch: int = 1):
@@ -41,12 +42,18 @@ def _example_inputs(cfg: Config, batch: int = 1):
 
 def _init_boxed(cfg: Config, model: GLM, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     params = model.init(rng, *_example_inputs(cfg))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=optimizer.init(params), skipped=zero)
 
 
 def state_shardings(cfg: Config, model: GLM, optimizer, mesh: Mesh):
     abstract = jax.eval_shape(lambda r: _init_boxed(cfg, model, optimizer, r), jax.random.key(0))
     return rules.logical_to_sharding(rules.logical_specs(abstract), mesh)
+
+
+def abstract_state(cfg: Config, model: GLM, optimizer) -> TrainState:
+    """Shapes and dtypes of the train state (no allocation)."""
+    return rules.unbox(jax.eval_shape(lambda r: _init_boxed(cfg, model, optimizer, r), jax.random.key(0)))
 
 
 def init_state(cfg: Config, model: GLM, optimizer, mesh: Mesh, rng: jax.Array) -> TrainState:
@@ -84,26 +91,50 @@ def make_train_step(cfg: Config, model: GLM, optimizer, mesh: Mesh, state_shardi
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(seed_key, state.step) if dropout else None
         loss, weight, grads = loss_and_grads(model, state.params, batch, rng)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "target_tokens": weight}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        # A non-finite loss or gradient leaves parameters and optimizer state as they were.
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(ok, new, old), (params, opt_state), (state.params, state.opt_state)
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": weight, "skipped": ~ok}
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, skipped=state.skipped + (~ok).astype(jnp.int32))
+        return new_state, metrics
+
+    return _jit_per_batch_keys(step, mesh, (state_sharding,), (state_sharding, rules.replicated(mesh)), donate=(0,))
+
+
+def make_eval_step(model: GLM, mesh: Mesh, state_sharding) -> Callable:
+    """A jitted ``(params, batch) -> (loss_sum, weight)`` on the mesh."""
+
+    def step(params, batch):
+        logits = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["prefix_len"], batch.get("segment_ids"))
+        return masked_cross_entropy(logits, batch["targets"], batch["loss_weights"])
+
+    return _jit_per_batch_keys(step, mesh, (state_sharding.params,), rules.replicated(mesh), donate=())
+
+
+def _jit_per_batch_keys(step, mesh: Mesh, leading_shardings: tuple, out_shardings, donate: tuple) -> Callable:
+    """jit ``step(*leading, batch)`` with the batch sharded over ``batch``; one compile per batch layout."""
 
     def batch_sharding(batch):
         return jax.tree.map(lambda x: rules.batch_sharding(mesh, x.ndim), batch)
 
     jitted = {}
 
-    def run(state, batch):
+    def run(*args):
+        *leading, batch = args
         key = tuple(sorted(batch))
         if key not in jitted:
             jitted[key] = jax.jit(
                 step,
-                in_shardings=(state_sharding, batch_sharding(batch)),
-                out_shardings=(state_sharding, rules.replicated(mesh)),
-                donate_argnums=(0,),
+                in_shardings=(*leading_shardings, batch_sharding(batch)),
+                out_shardings=out_shardings,
+                donate_argnums=donate,
             )
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules.logical_axis_rules()):
-            return jitted[key](state, batch)
+            return jitted[key](*leading, batch)
 
     return run

@@ -1,0 +1,88 @@
+"""Checkpoints, preemption and resume, as a user runs ``python -m glm_jax.train``."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _env(devices):
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def train(workdir, *overrides, devices=1, sigterm_after=None):
+    cmd = [sys.executable, "-m", "glm_jax.train", "train.log_every=1", "train.seq_len=64", f"workdir={workdir}", *overrides]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err_lines = []
+    if sigterm_after is not None:
+        for line in p.stderr:
+            err_lines.append(line)
+            if line.startswith(f"step {sigterm_after}/"):
+                p.send_signal(signal.SIGTERM)
+                break
+    out, err = p.communicate(timeout=600)
+    err = "".join(err_lines) + err
+    assert p.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1]), err
+
+
+@pytest.mark.slow
+def test_preempted_run_resumes_to_the_uninterrupted_result(tmp_path):
+    full, _ = train(tmp_path / "a", "train.steps=6")
+    cut, err = train(tmp_path / "b", "train.steps=6", sigterm_after=2)
+    assert cut["preempted"] and cut["step"] < 6 and "SIGTERM received" in err
+    resumed, err = train(tmp_path / "b", "train.steps=6")
+    assert f"resuming from step {cut['step']}" in err and resumed["resumed_from"] == cut["step"]
+    assert resumed["train_loss"] == full["train_loss"]  # data and state replay exactly
+    assert resumed["eval_loss"] == full["eval_loss"]
+
+
+def test_resume_onto_a_different_mesh_and_past_a_damaged_checkpoint(tmp_path):
+    synthetic = ("data.mixture=synthetic", "train.checkpoint_every=2")
+    full, _ = train(tmp_path / "a", "train.steps=6", "mesh.data=2", *synthetic, devices=2)
+    train(tmp_path / "b", "train.steps=6", "mesh.data=2", *synthetic, devices=2, sigterm_after=4)
+    ckpts = tmp_path / "b" / "checkpoints"
+    steps = sorted(int(p) for p in os.listdir(ckpts) if p.isdigit())
+    latest, previous = steps[-1], steps[-2]
+    # Damage the newest checkpoint: its parameters are gone.
+    shutil.rmtree(ckpts / str(latest) / "state")
+    resumed, err = train(tmp_path / "b", "train.steps=6", "mesh.data=1", "mesh.model=2", *synthetic, devices=2)
+    assert f"checkpoint {latest} in" in err and "could not be restored" in err
+    assert resumed["resumed_from"] == previous and resumed["mesh"] == {"data": 1, "pipe": 1, "model": 2}
+    assert resumed["train_loss"] == pytest.approx(full["train_loss"], abs=1e-5)
+
+
+def test_non_finite_step_leaves_the_state_unchanged():
+    from glm_jax.config import Config, MeshConfig, TrainConfig
+    from glm_jax.data.synthetic import copy_batch
+    from glm_jax.model import GLM
+    from glm_jax.parallel.mesh import make_mesh
+    from glm_jax.training.optimizer import make_optimizer
+    from glm_jax.training.state import init_state, make_train_step, state_shardings
+    from helpers import variant
+
+    cfg = Config(model=variant("glm-130b"), mesh=MeshConfig(data=1), train=TrainConfig(steps=3, batch_size=2, seq_len=16, warmup_steps=0))
+    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+    model, opt = GLM(cfg.model), make_optimizer(cfg.train)
+    shardings = state_shardings(cfg, model, opt, mesh)
+    state = init_state(cfg, model, opt, mesh, jax.random.key(0))
+    step = make_train_step(cfg, model, opt, mesh, shardings)
+    before = jax.tree.map(np.asarray, state.params)
+    bad = copy_batch(cfg.model, 2, 16, 0, 0)
+    bad["loss_weights"] = bad["loss_weights"] * np.float32("nan")
+    state, m = step(state, bad)
+    assert bool(m["skipped"]) and int(state.skipped) == 1 and int(state.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)
+    state, m = step(state, copy_batch(cfg.model, 2, 16, 0, 1))
+    assert not bool(m["skipped"]) and int(state.skipped) == 1
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, before)
+    assert any(jax.tree.leaves(changed))
