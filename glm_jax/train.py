@@ -39,6 +39,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from glm_jax.model import GLM
     from glm_jax.parallel.mesh import make_mesh
     from glm_jax.training.checkpointing import Checkpointer, abstract_with_shardings
+    from glm_jax.training.metrics import flops_per_token, peak_flops
     from glm_jax.training.optimizer import learning_rate_schedule, make_optimizer
     from glm_jax.training.state import abstract_state, init_state, make_eval_step, make_train_step, state_shardings
 
@@ -70,6 +71,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     log(f"glm_jax.train: {n_params:,} parameters; data {cfg.data.mixture} on corpus {cfg.data.corpus}")
 
+    peak, peak_source = peak_flops(list(mesh.devices.flat))
+    token_flops = flops_per_token(cfg.model, cfg.train.seq_len)
+    log(f"glm_jax.train: MFU against {peak / 1e12:,.3f} TFLOP/s ({peak_source})")
     step_fn = make_train_step(cfg, model, optimizer, mesh, shardings)
     eval_fn = make_eval_step(GLM(cfg.model), mesh, shardings)
     schedule = learning_rate_schedule(cfg.train)
@@ -111,7 +115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 eta = (cfg.train.steps - step) * cfg.train.batch_size * cfg.train.seq_len / tps if tps == tps else float("nan")
                 log(
                     f"step {step}/{cfg.train.steps}  loss {loss:.4f}  lr {float(schedule(step - 1)):.2e}  "
-                    f"grad_norm {float(metrics['grad_norm']):.3f}  tokens/s {tps:,.0f}  eta {eta:,.0f}s"
+                    f"grad_norm {float(metrics['grad_norm']):.3f}  tokens/s {tps:,.0f}  "
+                    f"mfu {100 * tps * token_flops / peak:.1f}%  eta {eta:,.0f}s"
                     + (f"  skipped {int(state.skipped)}" if int(state.skipped) else "")
                 )
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
@@ -134,6 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "train_loss": loss,
         "eval_loss": eval_loss,
         "tokens_per_s": tokens_seen / elapsed if elapsed > 0 and tokens_seen else None,
+        "mfu": tokens_seen / elapsed * token_flops / peak if elapsed > 0 and tokens_seen else None,
         "skipped_steps": int(state.skipped),
         "resumed_from": start or None,
         "preempted": stop["signal"] is not None,

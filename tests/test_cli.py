@@ -42,7 +42,8 @@ def test_train_runs_a_real_step_and_reports_json(tmp_path):
     assert result["step"] == 3 and result["mesh"] == {"data": 2, "pipe": 1, "model": 4}
     assert 0 < result["train_loss"] < 10 and 0 < result["eval_loss"] < 10
     assert (tmp_path / "checkpoints" / "3").is_dir()  # the final state is saved
-    assert "step 3/3" in r.stderr
+    assert "step 3/3" in r.stderr and " mfu " in r.stderr
+    assert 0 < result["mfu"] < 1
     assert (tmp_path / "config.yaml").exists()
 
 

@@ -86,3 +86,17 @@ def test_non_finite_step_leaves_the_state_unchanged():
     assert not bool(m["skipped"]) and int(state.skipped) == 1
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, before)
     assert any(jax.tree.leaves(changed))
+
+
+def test_model_flops_count_matches_the_parameter_count():
+    from glm_jax.config import load_config
+    from glm_jax.info import report
+    from glm_jax.training.metrics import flops_per_token, matmul_params
+
+    cfg = load_config(os.path.join(ROOT, "configs/glm-130b.yaml"))
+    m = cfg.model
+    # Matmul parameters = all parameters minus biases and LayerNorms (the tied table is the head).
+    biases_and_norms = m.num_layers * (3 * m.hidden_size + m.hidden_size + 2 * m.mlp_dim + m.hidden_size + 4 * m.hidden_size) + 2 * m.hidden_size
+    assert matmul_params(m) == report(cfg)["parameters"] - biases_and_norms
+    # GLM-130B at 2048 tokens: 6N plus attention, as in the training-log arithmetic of GLM_SPEC §5.
+    assert flops_per_token(m, 2048) == pytest.approx(6 * matmul_params(m) + 12 * 70 * 12288 * 2048)
