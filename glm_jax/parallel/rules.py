@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "pipe", "model")

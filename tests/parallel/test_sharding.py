@@ -1,9 +1,7 @@
 """Sharded forward+backward on a simulated 8-device mesh equals the single-device result."""
 
-import dataclasses
 
 import jax
-import numpy as np
 import pytest
 
 from glm_jax.config import Config, ConfigError, MeshConfig, TrainConfig
