@@ -67,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         log("glm_jax.train: no workdir set, so no checkpoints are kept")
     if state is None:
-        state = init_state(cfg, model, optimizer, mesh, jax.random.key(cfg.train.seed))
+        state = init_state(cfg, model, optimizer, mesh, jax.random.key(cfg.train.seed), shardings)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     log(f"glm_jax.train: {n_params:,} parameters; data {cfg.data.mixture} on corpus {cfg.data.corpus}")
 

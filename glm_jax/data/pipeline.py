@@ -94,12 +94,7 @@ def batches(cfg: Config, split: str = "train", *, start_step: int = 0, process_i
 
     tf = _tf()
     ds = examples(cfg, split, process_index=process_index, process_count=process_count)
-    options = tf.data.Options()
-    options.deterministic = True
-    options.experimental_optimization.map_parallelization = True
-    options.experimental_optimization.map_fusion = True
-    options.experimental_optimization.parallel_batch = True
-    ds = ds.ragged_batch(EXAMPLE_BLOCK).prefetch(tf.data.AUTOTUNE).with_options(options)
+    ds = ds.ragged_batch(EXAMPLE_BLOCK).prefetch(tf.data.AUTOTUNE)
     it = iter(ds)
     converter = GLMFeatureConverter(cfg.train.seq_len, cfg.data.pack, cfg.model.pad_token_id)
     try:

@@ -156,8 +156,8 @@ def _text_source(spec: SourceSpec, fields: tuple[str, ...]):
         found = _glob(spec.pattern)
         files = {"train": found, "validation": found}
         fmt, escaped, by_hash = spec.kind, False, True
-    keys = fields if fmt == "jsonl" and fields != ("text",) else ("text",)
-    json_fields = fields if fields != ("text",) else (spec.field,)
+    keys = fields  # the features this source yields
+    json_fields = (spec.field,) if fields == ("text",) else fields  # where a JSON line holds them
 
     def dataset_fn(split, shuffle_files, seed=None):
         def gen():

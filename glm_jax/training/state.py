@@ -56,15 +56,17 @@ def abstract_state(cfg: Config, model: GLM, optimizer) -> TrainState:
     return rules.unbox(jax.eval_shape(lambda r: _init_boxed(cfg, model, optimizer, r), jax.random.key(0)))
 
 
-def init_state(cfg: Config, model: GLM, optimizer, mesh: Mesh, rng: jax.Array) -> TrainState:
+def init_state(cfg: Config, model: GLM, optimizer, mesh: Mesh, rng: jax.Array, shardings=None) -> TrainState:
     """Initialise parameters and optimizer state directly into their shardings."""
-    shardings = state_shardings(cfg, model, optimizer, mesh)
+    if shardings is None:
+        shardings = state_shardings(cfg, model, optimizer, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules.logical_axis_rules()):
         init = jax.jit(lambda r: rules.unbox(_init_boxed(cfg, model, optimizer, r)), out_shardings=shardings)
         return init(rng)
 
 
-def loss_fn(model: GLM, params, batch: dict, dropout_rng: jax.Array | None = None):
+def loss_sums(model: GLM, params, batch: dict, dropout_rng: jax.Array | None = None):
+    """Summed Part B loss and target-token count of a batch (float32)."""
     logits = model.apply(
         {"params": params},
         batch["tokens"],
@@ -73,7 +75,11 @@ def loss_fn(model: GLM, params, batch: dict, dropout_rng: jax.Array | None = Non
         batch.get("segment_ids"),
         rngs=None if dropout_rng is None else {"dropout": dropout_rng},
     )
-    loss_sum, weight = masked_cross_entropy(logits, batch["targets"], batch["loss_weights"])
+    return masked_cross_entropy(logits, batch["targets"], batch["loss_weights"])
+
+
+def loss_fn(model: GLM, params, batch: dict, dropout_rng: jax.Array | None = None):
+    loss_sum, weight = loss_sums(model, params, batch, dropout_rng)
     return loss_sum / jnp.maximum(weight, 1.0), weight
 
 
@@ -110,8 +116,7 @@ def make_eval_step(model: GLM, mesh: Mesh, state_sharding) -> Callable:
     """A jitted ``(params, batch) -> (loss_sum, weight)`` on the mesh."""
 
     def step(params, batch):
-        logits = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["prefix_len"], batch.get("segment_ids"))
-        return masked_cross_entropy(logits, batch["targets"], batch["loss_weights"])
+        return loss_sums(model, params, batch)
 
     return _jit_per_batch_keys(step, mesh, (state_sharding.params,), rules.replicated(mesh), donate=())
 
