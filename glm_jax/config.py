@@ -134,6 +134,10 @@ class MeshConfig:
     data: int = -1
     model: int = 1
     pipe: int = 1
+    # What the data axis shards besides the batch: "replicated" (plain data parallelism),
+    # "zero1" (AdamW state split over data: ZeRO stage 1), "fsdp" (parameters, gradients
+    # and AdamW state split over data along their embed dimension).
+    param_sharding: Literal["replicated", "zero1", "fsdp"] = "replicated"
 
     def axis_sizes(self, device_count: int) -> dict[str, int]:
         sizes = {"data": self.data, "pipe": self.pipe, "model": self.model}
@@ -183,12 +187,48 @@ class TrainConfig:
     keep_checkpoints: int = 3
     eval_every: int = 0  # steps between eval-loss runs on the held-out split (0: only at the end)
     eval_batches: int = 4
+    microbatches: int = 1  # gradient accumulation: each step sums the gradients of this many slices
+    loss_vocab_chunks: int = 1  # >1: cross-entropy one vocabulary slice at a time (no full fp32 logits)
+    # Batch-size ramp-up (GLM-130B: 192 -> 4224 over the first 2.5% of samples): the batch
+    # starts at batch_size_start and grows by batch_size_increment in equal sample intervals
+    # until batch_size is reached after rampup_samples sequences. 0 = no ramp-up.
+    batch_size_start: int = 0
+    batch_size_increment: int = 0
+    rampup_samples: int = 0
+    # Spike recovery: after this many consecutive bad steps (non-finite, or a loss above
+    # spike_factor x its running average), restore the last checkpoint and go on with
+    # the data after the bad batches. 0 = off.
+    rollback_after: int = 0
+    spike_factor: float = 0.0  # 0 = only non-finite steps count as bad
+    tensorboard: bool = True  # scalars to workdir/tensorboard (process 0 only)
 
     def validate(self) -> None:
-        for key in ("checkpoint_every", "eval_every"):
+        for key in ("checkpoint_every", "eval_every", "rollback_after"):
             _require(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
-        for key in ("steps", "batch_size", "seq_len", "log_every", "keep_checkpoints", "eval_batches"):
+        for key in ("steps", "batch_size", "seq_len", "log_every", "keep_checkpoints", "eval_batches", "microbatches",
+                    "loss_vocab_chunks"):
             _require(getattr(self, key) > 0, f"train.{key} must be > 0, got {getattr(self, key)}")
+        _require(
+            self.batch_size % self.microbatches == 0,
+            f"train.batch_size ({self.batch_size}) must be divisible by train.microbatches ({self.microbatches})",
+        )
+        _require(self.spike_factor == 0 or self.spike_factor > 1, f"train.spike_factor must be 0 (off) or > 1, got {self.spike_factor}")
+        if self.batch_size_start:
+            _require(
+                0 < self.batch_size_start < self.batch_size,
+                f"train.batch_size_start ({self.batch_size_start}) must be between 0 and train.batch_size ({self.batch_size})",
+            )
+            _require(
+                self.batch_size_increment > 0 and (self.batch_size - self.batch_size_start) % self.batch_size_increment == 0,
+                f"train.batch_size_increment ({self.batch_size_increment}) must be > 0 and divide "
+                f"train.batch_size - train.batch_size_start ({self.batch_size - self.batch_size_start})",
+            )
+            _require(self.rampup_samples > 0, f"train.rampup_samples must be > 0 with a ramp-up, got {self.rampup_samples}")
+            for key in ("batch_size_start", "batch_size_increment"):
+                _require(
+                    getattr(self, key) % self.microbatches == 0,
+                    f"train.{key} ({getattr(self, key)}) must be divisible by train.microbatches ({self.microbatches})",
+                )
         _require(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
         _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
@@ -251,6 +291,12 @@ class Config:
         _require(
             self.train.seq_len <= self.model.max_seq_len,
             f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})",
+        )
+        chunks = self.train.loss_vocab_chunks
+        _require(
+            self.model.vocab_size % chunks == 0,
+            f"train.loss_vocab_chunks={chunks} must divide model.vocab_size ({self.model.vocab_size}); "
+            f"valid values up to 64: {', '.join(str(c) for c in range(1, 65) if self.model.vocab_size % c == 0)}",
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -117,3 +117,12 @@ class GLM(nn.Module):
         if return_hidden:
             return x
         return self.head(x)
+
+
+def output_embedding(params, cfg: ModelConfig) -> jax.Array:
+    """The head's weight as ``[vocab, embed]`` in the compute dtype, from a parameter tree
+    (for losses that apply the head themselves, e.g. vocabulary-chunked cross-entropy)."""
+    dtype = jnp.dtype(cfg.dtype)
+    if cfg.tie_embeddings:
+        return params["word_embeddings"].astype(dtype)
+    return params["lm_head"].astype(dtype).T

@@ -36,13 +36,21 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def logical_axis_rules() -> tuple[tuple[str, Any], ...]:
-    return LOGICAL_AXIS_RULES
+# mesh.param_sharding=zero1 / fsdp: these parameter axes are also split over ``data``
+# (AdamW state only for zero1; parameters, gradients and AdamW state for fsdp).
+DATA_SHARDED_PARAM_AXES = ("embed",)
 
 
-def logical_to_sharding(logical_spec_tree: Any, mesh: Mesh) -> Any:
+def logical_axis_rules(shard_params_over_data: bool = False) -> tuple[tuple[str, Any], ...]:
+    """The table; with ``shard_params_over_data`` the axes above map to ``data`` instead."""
+    if not shard_params_over_data:
+        return LOGICAL_AXIS_RULES
+    return tuple((name, "data" if name in DATA_SHARDED_PARAM_AXES else axis) for name, axis in LOGICAL_AXIS_RULES)
+
+
+def logical_to_sharding(logical_spec_tree: Any, mesh: Mesh, shard_params_over_data: bool = False) -> Any:
     """Map a tree of logical PartitionSpecs to NamedShardings on ``mesh``."""
-    return nn.logical_to_mesh_sharding(logical_spec_tree, mesh, LOGICAL_AXIS_RULES)
+    return nn.logical_to_mesh_sharding(logical_spec_tree, mesh, logical_axis_rules(shard_params_over_data))
 
 
 def logical_to_mesh_spec(logical_spec: PartitionSpec) -> PartitionSpec:
@@ -83,6 +91,7 @@ def logical_specs(boxed_tree: Any) -> Any:
 
 
 __all__ = [
+    "DATA_SHARDED_PARAM_AXES",
     "LOGICAL_AXIS_RULES",
     "MESH_AXES",
     "batch_sharding",

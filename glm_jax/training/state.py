@@ -17,9 +17,10 @@ from jax.sharding import Mesh
 
 from glm_jax.config import Config
 from glm_jax.model import GLM
+from glm_jax.model.glm import output_embedding
 from glm_jax.model.grad_shrink import shrink_embedding_gradient
 from glm_jax.parallel import rules
-from glm_jax.training.loss import masked_cross_entropy
+from glm_jax.training.loss import chunked_cross_entropy, masked_cross_entropy
 
 
 @flax.struct.dataclass
@@ -46,9 +47,34 @@ def _init_boxed(cfg: Config, model: GLM, optimizer: optax.GradientTransformation
     return TrainState(step=zero, params=params, opt_state=optimizer.init(params), skipped=zero)
 
 
-def state_shardings(cfg: Config, model: GLM, optimizer, mesh: Mesh):
+def state_shardings(cfg: Config, model: GLM, optimizer, mesh: Mesh) -> TrainState:
+    """NamedShardings of every leaf of the train state, from the logical-axis rules.
+
+    ``mesh.param_sharding`` decides what the ``data`` axis holds besides the batch:
+    nothing (replicated), the AdamW state (zero1), or parameters and AdamW state (fsdp).
+    """
+    plain, split = _both_shardings(cfg, model, optimizer, mesh)
+    mode = cfg.mesh.param_sharding
+    return TrainState(
+        step=plain.step,
+        params=split.params if mode == "fsdp" else plain.params,
+        opt_state=plain.opt_state if mode == "replicated" else split.opt_state,
+        skipped=plain.skipped,
+    )
+
+
+def _both_shardings(cfg: Config, model: GLM, optimizer, mesh: Mesh) -> tuple[TrainState, TrainState]:
+    """The state's shardings by the plain rules and with parameter axes split over data."""
     abstract = jax.eval_shape(lambda r: _init_boxed(cfg, model, optimizer, r), jax.random.key(0))
-    return rules.logical_to_sharding(rules.logical_specs(abstract), mesh)
+    specs = rules.logical_specs(abstract)
+    return rules.logical_to_sharding(specs, mesh), rules.logical_to_sharding(specs, mesh, shard_params_over_data=True)
+
+
+def gradient_shardings(cfg: Config, model: GLM, optimizer, mesh: Mesh):
+    """Where gradients live before the update: with zero1 or fsdp, split over ``data`` like
+    the AdamW moments (a reduce-scatter rather than an all-reduce)."""
+    plain, split = _both_shardings(cfg, model, optimizer, mesh)
+    return plain.params if cfg.mesh.param_sharding == "replicated" else split.params
 
 
 def abstract_state(cfg: Config, model: GLM, optimizer) -> TrainState:
@@ -65,41 +91,106 @@ def init_state(cfg: Config, model: GLM, optimizer, mesh: Mesh, rng: jax.Array, s
         return init(rng)
 
 
-def loss_sums(model: GLM, params, batch: dict, dropout_rng: jax.Array | None = None):
+def loss_sums(model: GLM, params, batch: dict, dropout_rng: jax.Array | None = None, vocab_chunks: int = 1):
     """Summed Part B loss and target-token count of a batch (float32)."""
-    logits = model.apply(
+    out = model.apply(
         {"params": params},
         batch["tokens"],
         batch["positions"],
         batch["prefix_len"],
         batch.get("segment_ids"),
+        return_hidden=vocab_chunks > 1,
         rngs=None if dropout_rng is None else {"dropout": dropout_rng},
     )
-    return masked_cross_entropy(logits, batch["targets"], batch["loss_weights"])
+    if vocab_chunks > 1:
+        head = output_embedding(params, model.cfg)
+        return chunked_cross_entropy(out, head, batch["targets"], batch["loss_weights"], vocab_chunks)
+    return masked_cross_entropy(out, batch["targets"], batch["loss_weights"])
 
 
-def loss_fn(model: GLM, params, batch: dict, dropout_rng: jax.Array | None = None):
-    loss_sum, weight = loss_sums(model, params, batch, dropout_rng)
-    return loss_sum / jnp.maximum(weight, 1.0), weight
+def split_microbatches(batch: dict, n: int) -> dict:
+    """``[B, ...]`` -> ``[n, B/n, ...]`` taking every n-th row, so that each microbatch draws
+    evenly from every data shard and stays split over ``data`` without moving rows."""
+
+    def split(x):
+        x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, batch)
 
 
-def loss_and_grads(model: GLM, params, batch: dict, dropout_rng: jax.Array | None = None):
-    """Loss, target-token count and the gradients the optimizer sees (embedding shrink applied)."""
-    (loss, weight), grads = jax.value_and_grad(lambda p: loss_fn(model, p, batch, dropout_rng), has_aux=True)(params)
-    return loss, weight, shrink_embedding_gradient(grads, model.cfg)
+def loss_and_grads(
+    model: GLM,
+    params,
+    batch: dict,
+    dropout_rng: jax.Array | None = None,
+    *,
+    microbatches: int = 1,
+    vocab_chunks: int = 1,
+    grad_shardings=None,
+):
+    """Loss, target-token count and the gradients the optimizer sees (embedding shrink applied).
+
+    With ``microbatches`` > 1 the batch is processed in slices whose summed-loss gradients
+    are accumulated in float32 and divided by the whole batch's target count at the end:
+    the same loss and gradients as one pass, at a fraction of the activation memory.
+    """
+
+    def sums(p, mb, rng):
+        return loss_sums(model, p, mb, rng, vocab_chunks)
+
+    def constrain(g):
+        return g if grad_shardings is None else jax.lax.with_sharding_constraint(g, grad_shardings)
+
+    if microbatches == 1:
+        def mean(p):
+            loss_sum, weight = sums(p, batch, dropout_rng)
+            return loss_sum / jnp.maximum(weight, 1.0), weight
+
+        (loss, weight), grads = jax.value_and_grad(mean, has_aux=True)(params)
+        return loss, weight, shrink_embedding_gradient(constrain(grads), model.cfg)
+
+    def accumulate(carry, xs):
+        grads, loss_sum, weight = carry
+        i, mb = xs
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+        (s, w), g = jax.value_and_grad(sums, has_aux=True)(params, mb, rng)
+        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, constrain(g))
+        return (constrain(grads), loss_sum + s, weight + w), None
+
+    zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    xs = (jnp.arange(microbatches), split_microbatches(batch, microbatches))
+    (grads, loss_sum, weight), _ = jax.lax.scan(accumulate, init, xs)
+    scale = 1.0 / jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
+    return loss_sum * scale, weight, shrink_embedding_gradient(grads, model.cfg)
 
 
 def make_train_step(cfg: Config, model: GLM, optimizer, mesh: Mesh, state_sharding) -> Callable:
     """A jitted ``(state, batch) -> (state, metrics)`` with explicit shardings; donates the state."""
     dropout = cfg.model.attention_dropout > 0 or cfg.model.hidden_dropout > 0
     seed_key = jax.random.key(cfg.train.seed + 1)
+    grad_shardings = gradient_shardings(cfg, model, optimizer, mesh)
+    zero1 = cfg.mesh.param_sharding == "zero1"
 
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(seed_key, state.step) if dropout else None
-        loss, weight, grads = loss_and_grads(model, state.params, batch, rng)
+        loss, weight, grads = loss_and_grads(
+            model,
+            state.params,
+            batch,
+            rng,
+            microbatches=cfg.train.microbatches,
+            vocab_chunks=cfg.train.loss_vocab_chunks,
+            grad_shardings=grad_shardings,
+        )
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        # ZeRO-1: each data shard updates its slice of the parameters (where its AdamW
+        # state lives); the jit's output sharding then gathers the full parameters.
+        old = jax.lax.with_sharding_constraint(state.params, grad_shardings) if zero1 else state.params
+        updates, opt_state = optimizer.update(grads, state.opt_state, old)
+        params = optax.apply_updates(old, updates)
         # A non-finite loss or gradient leaves parameters and optimizer state as they were.
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         params, opt_state = jax.tree.map(
@@ -112,11 +203,11 @@ def make_train_step(cfg: Config, model: GLM, optimizer, mesh: Mesh, state_shardi
     return _jit_per_batch_keys(step, mesh, (state_sharding,), (state_sharding, rules.replicated(mesh)), donate=(0,))
 
 
-def make_eval_step(model: GLM, mesh: Mesh, state_sharding) -> Callable:
+def make_eval_step(model: GLM, mesh: Mesh, state_sharding, vocab_chunks: int = 1) -> Callable:
     """A jitted ``(params, batch) -> (loss_sum, weight)`` on the mesh."""
 
     def step(params, batch):
-        return loss_sums(model, params, batch)
+        return loss_sums(model, params, batch, vocab_chunks=vocab_chunks)
 
     return _jit_per_batch_keys(step, mesh, (state_sharding.params,), rules.replicated(mesh), donate=())
 
