@@ -1,19 +1,32 @@
 """From config to numpy batches for the trainer: seqio mixture -> GLM feature converter -> batch.
 
-Batches are a pure function of (seed, step): the mixture, the per-example seeds and the
-shuffles are all seeded, so ``batches(cfg, start_step=N)`` yields exactly the batches an
-uninterrupted run sees from step N on. Each process reads its own shard (seqio
+Batches are a pure function of (seed, position): the mixture, the per-example seeds and
+the shuffles are all seeded, so ``batches(cfg, start_step=N)`` (or a ``BatchStream`` at
+row R) yields exactly the batches an uninterrupted run sees from there on. Each process reads its own shard (seqio
 ShardInfo) and produces its share of the global batch. TensorFlow runs on the host CPU
 only and never claims accelerator memory.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 from typing import Iterator, Optional
 
 import numpy as np
 
 from glm_jax.config import Config, ConfigError
+
+
+class _DropSeqioCacheAdvice(logging.Filter):
+    """seqio warns on every dataset build that uncached tasks shuffle poorly on restart;
+    ours resume by position, not by reshuffling, so the advice is noise here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "uncached FunctionDataset" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DropSeqioCacheAdvice())
 
 
 def _tf():
@@ -26,10 +39,10 @@ def _tf():
     return tf
 
 
-def host_batch_size(cfg: Config, process_count: int) -> int:
-    if cfg.train.batch_size % process_count:
-        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the {process_count} processes")
-    return cfg.train.batch_size // process_count
+def host_batch_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size % process_count:
+        raise ConfigError(f"the batch size ({global_batch_size}) must be divisible by the {process_count} processes")
+    return global_batch_size // process_count
 
 
 def examples(cfg: Config, split: str = "train", *, process_index: int = 0, process_count: int = 1, seed: Optional[int] = None):
@@ -78,29 +91,60 @@ def to_model_batch(batch: dict, cfg: Config) -> dict:
     return out
 
 
+class BatchStream:
+    """This process's share of consecutive global batches, of any size, from a position
+    counted in global rows (``rows``, saved with checkpoints).
+
+    A global batch of B rows is B/process_count rows from each process's own shard, so
+    a stream resumed at ``start_row`` yields what the uninterrupted stream would have.
+    Batch sizes may change from step to step (batch-size ramp-up).
+    """
+
+    def __init__(self, cfg: Config, split: str = "train", *, start_row: int = 0, process_index: int = 0,
+                 process_count: int = 1):
+        if start_row % process_count:
+            raise ValueError(f"start_row {start_row} is not divisible by the {process_count} processes")
+        self.cfg, self.rows = cfg, start_row
+        self.process_index, self.process_count = process_index, process_count
+        self._it = self._local_rows = None
+        if cfg.data.mixture != "synthetic":
+            from glm_jax.data.feature_converter import GLMFeatureConverter
+
+            tf = _tf()
+            ds = examples(cfg, split, process_index=process_index, process_count=process_count)
+            self._it = iter(ds.ragged_batch(EXAMPLE_BLOCK).prefetch(tf.data.AUTOTUNE))
+            converter = GLMFeatureConverter(cfg.train.seq_len, cfg.data.pack, cfg.model.pad_token_id)
+            self._local_rows = converter.rows(_unbatch(self._it))
+            for _ in itertools.islice(self._local_rows, start_row // process_count):
+                pass  # replay to the resume position
+
+    def next(self, global_batch_size: int) -> dict:
+        per_host = host_batch_size(global_batch_size, self.process_count)
+        if self._local_rows is None:
+            from glm_jax.data.synthetic import copy_rows
+
+            cfg = self.cfg
+            first = self.rows + self.process_index * per_host
+            batch = copy_rows(cfg.model, first, per_host, cfg.train.seq_len, cfg.train.seed, cfg.data.synthetic_vocab_size)
+        else:
+            from glm_jax.data.feature_converter import batch_rows
+
+            batch = to_model_batch(next(batch_rows(itertools.islice(self._local_rows, per_host), per_host)), self.cfg)
+        self.rows += global_batch_size
+        return batch
+
+    def close(self) -> None:
+        # Dropping the iterator lets TensorFlow's generator threads end, so the process can exit.
+        self._local_rows = self._it = None
+
+
 def batches(cfg: Config, split: str = "train", *, start_step: int = 0, process_index: int = 0,
             process_count: int = 1) -> Iterator[dict]:
-    """Model batches from ``start_step`` on: this process's share of each global batch."""
-    if cfg.data.mixture == "synthetic":
-        from glm_jax.data.synthetic import copy_batch
-
-        per_host = host_batch_size(cfg, process_count)
-        step = start_step
-        while True:
-            b = copy_batch(cfg.model, cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed, step, cfg.data.synthetic_vocab_size)
-            yield {k: v[process_index * per_host : (process_index + 1) * per_host] for k, v in b.items()}
-            step += 1
-    from glm_jax.data.feature_converter import GLMFeatureConverter, batch_rows
-
-    tf = _tf()
-    ds = examples(cfg, split, process_index=process_index, process_count=process_count)
-    ds = ds.ragged_batch(EXAMPLE_BLOCK).prefetch(tf.data.AUTOTUNE)
-    it = iter(ds)
-    converter = GLMFeatureConverter(cfg.train.seq_len, cfg.data.pack, cfg.model.pad_token_id)
+    """Model batches of ``train.batch_size`` from ``start_step`` on: this process's share."""
+    stream = BatchStream(cfg, split, start_row=start_step * cfg.train.batch_size, process_index=process_index,
+                         process_count=process_count)
     try:
-        rows = converter.rows(_unbatch(it))
-        for step, b in enumerate(batch_rows(rows, host_batch_size(cfg, process_count))):
-            if step >= start_step:
-                yield to_model_batch(b, cfg)
+        while True:
+            yield stream.next(cfg.train.batch_size)
     finally:
-        del it  # lets TensorFlow's generator threads end, so the process can exit
+        stream.close()

@@ -21,7 +21,8 @@ log = logging.getLogger("glm_jax")
 
 class Checkpointer:
     def __init__(self, directory: str, every: int, keep: int):
-        self.directory = os.path.abspath(directory)
+        directory = str(directory)
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         self.every = every
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
