@@ -113,13 +113,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     writer = ScalarWriter(str(epath.Path(cfg.workdir) / "tensorboard") if use_tb else None)
     monitor = SpikeMonitor(cfg.train.rollback_after, cfg.train.spike_factor)
 
+    eval_seconds = [0.0]  # time spent evaluating, kept out of the training tokens/s
+
     def evaluate(params) -> float:
+        t0 = time.perf_counter()
         loss_sum = weight = 0.0
         stream = BatchStream(cfg, "validation", process_index=shard_index, process_count=shard_count)
         for _ in range(cfg.train.eval_batches):
             ls, w = eval_fn(params, distributed.global_batch(stream.next(cfg.train.batch_size), mesh))
             loss_sum, weight = loss_sum + float(ls), weight + float(w)
         stream.close()
+        eval_seconds[0] += time.perf_counter() - t0
         return loss_sum / max(weight, 1.0)
 
     stop = {"signal": None}
@@ -151,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             step += 1
             if t_start is None:
                 loss = float(metrics["loss"])  # the first step includes compilation: time from here
-                t_start = time.perf_counter()
+                t_start, eval_seconds[0] = time.perf_counter(), 0.0
             else:
                 tokens_seen += batch_size * cfg.train.seq_len
             if cfg.train.rollback_after and monitor.observe(float(metrics["loss"]), bool(metrics["skipped"])):
@@ -165,7 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 ckpt.save(step, state, {"data_rows": data.rows, "step": step})
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 loss = float(metrics["loss"])
-                elapsed = time.perf_counter() - t_start
+                elapsed = time.perf_counter() - t_start - eval_seconds[0]
                 tps = tokens_seen / elapsed if elapsed > 0 and tokens_seen else float("nan")
                 eta = (cfg.train.steps - step) * batch_size * cfg.train.seq_len / tps if math.isfinite(tps) else float("nan")
                 scalars = {
@@ -190,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 log(f"step {step}: eval loss {value:.4f}")
                 writer.scalars(step, {"eval/loss": value})
                 writer.flush()
-        t_end = time.perf_counter()
+        t_end = time.perf_counter() - eval_seconds[0]
         preempted = stopping()
         if not preempted:
             eval_loss = evaluate(state.params)

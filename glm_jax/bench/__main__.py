@@ -1,4 +1,4 @@
-"""``python -m glm_jax.bench {data} [--json] [--config PATH] [key=value ...]``"""
+"""``python -m glm_jax.bench {data,train} [--json] ...``: benchmarks that print JSON."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 from glm_jax import cli
 
-BENCHES = ("data",)
+BENCHES = ("data", "train")
 
 
 def main(argv=None) -> int:
@@ -18,6 +18,10 @@ def main(argv=None) -> int:
         from glm_jax.bench import data
 
         return data.main(argv[1:])
+    if argv[0] == "train":
+        from glm_jax.bench import train
+
+        return train.main(argv[1:])
     return 2
 
 

@@ -1,0 +1,164 @@
+"""Training-step throughput and MFU against this machine's measured matmul peak.
+
+    python -m glm_jax.bench train --json [--preset glm-tiny|small-anchor|100m|all] [--steps N]
+
+Presets:
+  glm-tiny      configs/glm-tiny.yaml as the trainer runs it.
+  small-anchor  a GLM-130B-style block at toy width: embed 256, 4 layers, 4 heads of 64,
+                GeGLU inner 1024, vocab 32000, seq 256, batch 4, bf16 compute, fp32 params.
+  100m          ~110M parameters (embed 768, 12 layers, 12 heads, GeGLU inner 2048,
+                vocab 32000) at seq 512, batch 4, bf16 compute.
+
+Each preset times ``--steps`` train steps (after one compiling step) on synthetic
+batches, then measures the peak: the best of float32 and bfloat16 2048^3 matmuls in the
+same process, so MFU is a ratio taken on one machine within one run. Model FLOPs follow
+``glm_jax.training.metrics`` (6 x matmul params + attention, no remat counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from glm_jax import cli
+from glm_jax.config import Config, MeshConfig, ModelConfig, TrainConfig, load_config
+
+PRESETS = ("glm-tiny", "small-anchor", "100m")
+
+_GLM130B_STYLE = dict(
+    norm_order="post", mlp_type="geglu", gelu_approximate=False, position_encoding="rotary_1d", tie_embeddings=True,
+    init="deepnorm", dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="none",
+    mask_token_id=31990, gmask_token_id=31991, smask_token_id=31992, eod_token_id=31993, sop_token_id=31994,
+    eop_token_id=31995, eos_token_id=31996, pad_token_id=0,
+)
+
+
+def preset_config(name: str, overrides: Sequence[str] = ()) -> Config:
+    if name == "glm-tiny":
+        return load_config("configs/glm-tiny.yaml", ["mesh.data=-1", *overrides])
+    if name == "small-anchor":
+        model = ModelConfig(name="small-anchor", vocab_size=32000, hidden_size=256, num_layers=4, num_heads=4,
+                            mlp_dim=1024, max_seq_len=256, **_GLM130B_STYLE)
+        train = TrainConfig(batch_size=4, seq_len=256)
+    elif name == "100m":
+        model = ModelConfig(name="100m", vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12,
+                            mlp_dim=2048, max_seq_len=512, **_GLM130B_STYLE)
+        train = TrainConfig(batch_size=4, seq_len=512)
+    else:
+        raise cli.ConfigError(f"--preset {name!r} is not valid; valid values: {', '.join(PRESETS)}, all")
+    cfg = Config(model=model, mesh=MeshConfig(data=-1), train=train)
+    if overrides:  # key=value on top of the preset, validated like any config
+        from glm_jax.config import config_from_dict
+
+        cfg = config_from_dict(dataclasses.asdict(cfg), overrides)
+    cfg.validate()
+    return cfg
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    import jax
+    import jax.numpy as jnp
+
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        a = jnp.ones((n, n), dtype)
+        f = jax.jit(lambda x: x @ x)
+        f(a).block_until_ready()
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            f(a).block_until_ready()
+            best = min(best, time.perf_counter() - t)
+        out[dtype] = 2.0 * n**3 / best
+    return out
+
+
+def time_steps(cfg: Config, steps: int) -> dict:
+    import jax
+    import numpy as np
+
+    from glm_jax.data.synthetic import copy_batch
+    from glm_jax.model import GLM
+    from glm_jax.parallel.distributed import global_batch
+    from glm_jax.parallel.mesh import make_mesh
+    from glm_jax.training.optimizer import make_optimizer
+    from glm_jax.training.state import init_state, make_train_step, state_shardings
+
+    mesh = make_mesh(cfg.mesh)
+    model = GLM(cfg.model)
+    opt = make_optimizer(dataclasses.replace(cfg.train, steps=steps + 2))
+    shardings = state_shardings(cfg, model, opt, mesh)
+    state = init_state(cfg, model, opt, mesh, jax.random.key(0), shardings)
+    step = make_train_step(cfg, model, opt, mesh, shardings)
+    batch = global_batch(copy_batch(cfg.model, cfg.train.batch_size, cfg.train.seq_len, 0, 0), mesh)
+    t = time.perf_counter()
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, m = step(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    return {"step_s_median": float(np.median(times)), "step_s_min": float(min(times)), "compile_s": compile_s,
+            "parameters": n_params, "loss": float(m["loss"])}
+
+
+def bench(cfg: Config, steps: int) -> dict:
+    import jax
+
+    from glm_jax.training.metrics import flops_per_token
+
+    timing = time_steps(cfg, steps)
+    peaks = matmul_peak()
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    tokens_per_s = tokens / timing["step_s_median"]
+    model_flops = tokens_per_s * flops_per_token(cfg.model, cfg.train.seq_len)
+    peak = max(peaks.values())
+    return {
+        "bench": "train",
+        "model": cfg.model.name,
+        "parameters": timing["parameters"],
+        "batch_size": cfg.train.batch_size,
+        "seq_len": cfg.train.seq_len,
+        "dtype": cfg.model.dtype,
+        "param_dtype": cfg.model.param_dtype,
+        "devices": jax.device_count(),
+        "backend": jax.default_backend(),
+        "steps_timed": steps,
+        "step_s_median": round(timing["step_s_median"], 4),
+        "compile_s": round(timing["compile_s"], 2),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "model_tflops_per_s": round(model_flops / 1e12, 4),
+        "peak_tflops_per_s": {k: round(v / 1e12, 4) for k, v in peaks.items()},
+        "mfu": round(model_flops / peak, 4),
+        "mfu_vs_compute_dtype_peak": round(model_flops / peaks.get(cfg.model.dtype, peak), 4),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m glm_jax.bench train", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="all", help=f"one of {', '.join(PRESETS)}, or all")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per preset (after one compiling step)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per preset on stdout")
+    parser.add_argument("overrides", nargs="*", help="key=value applied to each preset's config")
+    args = parser.parse_args(argv)
+    names = PRESETS if args.preset == "all" else (args.preset,)
+    configs = [preset_config(n, args.overrides) for n in names]  # every error before any work
+    for name, cfg in zip(names, configs):
+        print(f"bench train: {name} ...", file=sys.stderr, flush=True)
+        result = dict(preset=name, **bench(cfg, args.steps))
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            for k, v in result.items():
+                print(f"{k:28s} {v}")
+        print(f"{name}: {result['tokens_per_s']:,.0f} tokens/s, MFU {100 * result['mfu']:.1f}% of the measured "
+              f"{max(result['peak_tflops_per_s'].values()):.3f} TFLOP/s matmul peak", file=sys.stderr, flush=True)
+    return 0
