@@ -1,6 +1,6 @@
-"""GLM's autoregressive blank infilling (GLM_SPEC §3.2, §3.3), one example at a time in numpy.
+"""GLM's autoregressive blank infilling (GLM_SPEC §3.2, §3.3), a block of texts at a time in numpy.
 
-Given a token sequence and a seeded generator, build one GLM sample:
+Given token sequences and a seeded generator, build GLM samples:
 
     Part A = the text with each span replaced by one mask token
     Part B = for each span, in random order: input ``<sop> + span``, targets ``span + <eop>``
@@ -15,13 +15,19 @@ Objectives:
     15% of the tokens, placed at random with at least one kept token between spans;
   * ``smask`` ([sMASK]) — whole sentences, shuffled, taken until >= 15% of the tokens;
   * ``gmask`` ([gMASK]) — one trailing span of length uniform in [r*n, n].
+
+Why blocks: the input pipeline hands over a few hundred texts per numpy call. Building
+them one at a time cost ~100 µs of Python per example (a generator, a dozen tiny numpy
+calls, list building) and held the GIL against TensorFlow's threads. Here each step is one
+numpy operation over all the texts, spans or tokens of a block (``text`` flat, text i =
+``text[splits[i]:splits[i + 1]]``), so a block costs about as much as a few examples did.
+The single-text functions (``mask_sample`` ...) are blocks of one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 import numpy as np
 
@@ -52,7 +58,7 @@ class SpecialIds:
     pad: int
 
     @classmethod
-    def from_model(cls, cfg) -> "SpecialIds":
+    def from_model(cls, cfg) -> SpecialIds:
         return cls(
             mask=cfg.mask_token_id,
             smask=cfg.smask_token_id,
@@ -61,6 +67,141 @@ class SpecialIds:
             eop=cfg.eop_token_id,
             pad=cfg.pad_token_id,
         )
+
+
+# -- ragged helpers --------------------------------------------------------------------
+# Groups (the spans of one text, the tokens of one example) are contiguous runs of a
+# sorted ``owner`` array; ``counts[i]`` is the size of group i.
+
+
+def group_starts(counts: np.ndarray) -> np.ndarray:
+    """Index of each group's first element (exclusive cumsum)."""
+    out = np.zeros(len(counts), np.int64)
+    np.cumsum(counts[:-1], out=out[1:])
+    return out
+
+
+def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + n) for s, n in zip(starts, lengths)])`` without the loop."""
+    lengths = np.asarray(lengths, np.int64)
+    return np.repeat(np.asarray(starts, np.int64) - group_starts(lengths), lengths) + np.arange(lengths.sum())
+
+
+def _index_in_group(owner: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    return np.arange(len(owner)) - group_starts(counts)[owner]
+
+
+def _cumsum_before(values: np.ndarray, owner: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Sum of the earlier values of the same group (exclusive cumsum within groups)."""
+    before = np.cumsum(values) - values
+    return before - before[group_starts(counts)[owner]]
+
+
+def _shuffle_in_groups(owner: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A permutation that keeps every group in place and shuffles its members uniformly."""
+    return np.lexsort((rng.random(len(owner)), owner))
+
+
+# -- spans -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Spans:
+    """Spans of a block: text ``owner``, ``[start, end)`` within that text, and ``rank``, the
+    span's place in its text's Part B. Sorted by owner; non-empty, never overlapping."""
+
+    owner: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    rank: np.ndarray
+
+    @classmethod
+    def shuffled(cls, owner, start, end, n_texts: int, rng: np.random.Generator) -> Spans:
+        """Spans in text order with a uniformly random Part B order per text."""
+        rank = np.empty(len(owner), np.int64)
+        rank[_shuffle_in_groups(owner, rng)] = _index_in_group(owner, np.bincount(owner, minlength=n_texts))
+        return cls(owner, start, end, rank)
+
+
+def _mask_counts(n: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """Tokens to blank out per text: ratio*n with randomised rounding (exact in expectation), >= 1."""
+    k = np.floor(ratio * n + rng.random(len(n))).astype(np.int64)
+    return np.minimum(n, np.maximum(1, k))
+
+
+def _span_lengths(totals: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Poisson(3) lengths over 1..39 until they reach each text's total; the last is cut to hit
+    it exactly. Each length is >= 1, so ``total`` draws per text always suffice."""
+    owner = np.repeat(np.arange(len(totals)), totals)
+    draws = np.searchsorted(_SPAN_LENGTH_CDF, rng.random(len(owner)), side="right") + 1
+    total = totals[owner]
+    before = _cumsum_before(draws, owner, totals)
+    keep = before < total  # drawn before the text's total was reached
+    lengths = np.minimum(draws, total - before)
+    return owner[keep], lengths[keep]
+
+
+def _fitting(owner: np.ndarray, lengths: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop spans from the end of each text's list until they fit with a kept token between
+    each two (only texts too short for their spans lose any)."""
+    counts = np.bincount(owner, minlength=len(n))
+    needed = _cumsum_before(lengths, owner, counts) + lengths + _index_in_group(owner, counts)
+    keep = needed <= n[owner]
+    return owner[keep], lengths[keep]
+
+
+def mask_spans(n: np.ndarray, ratio: float, rng: np.random.Generator) -> Spans:
+    """[MASK] spans for texts of lengths ``n``: Poisson lengths until ``ratio`` of each text, in
+    random order, at uniformly random places with at least one kept token between spans."""
+    n = np.asarray(n, np.int64)
+    owner, lengths = _fitting(*_span_lengths(_mask_counts(n, ratio, rng), rng), n)
+    counts = np.bincount(owner, minlength=len(n))
+    lengths = lengths[_shuffle_in_groups(owner, rng)]  # random text order (the cut length is not always last)
+    used = np.bincount(owner, weights=lengths, minlength=len(n)).astype(np.int64) + counts - 1
+    # The kept tokens not needed as separators (n - used) are spread over the gaps before the
+    # spans: sorted uniform draws from 0..n-used, one per span, as in GLM's placement.
+    gaps = rng.integers(0, (n - used)[owner] + 1)
+    gaps = gaps[np.lexsort((gaps, owner))]
+    start = gaps + _cumsum_before(lengths + 1, owner, counts)
+    return Spans.shuffled(owner, start, start + lengths, len(n), rng)
+
+
+def sentence_spans(text: np.ndarray, splits: np.ndarray, ends_sentence: np.ndarray, ratio: float,
+                   rng: np.random.Generator, budget: int) -> Spans:
+    """[sMASK] spans: whole sentences (runs ending at a sentence-final token, or at the text's
+    end), taken in random order until >= ratio*n tokens of each text.
+
+    ``budget`` caps each text's growth (2 tokens per chosen sentence) so the sample fits.
+    """
+    n = np.diff(splits)
+    text_of = np.repeat(np.arange(len(n)), n)
+    first = np.zeros(len(text), bool)
+    first[1:] = ends_sentence[np.clip(text[:-1], 0, len(ends_sentence) - 1)]
+    first[splits[:-1][n > 0]] = True  # every text starts a sentence
+    s_start = np.flatnonzero(first)
+    s_end = np.append(s_start[1:], len(text))  # the next sentence, or next text, starts there
+    s_owner = text_of[s_start]
+    counts = np.bincount(s_owner, minlength=len(n))
+    order = _shuffle_in_groups(s_owner, rng)
+    covered = _cumsum_before((s_end - s_start)[order], s_owner, counts)
+    target = np.maximum(1, np.ceil(ratio * n)).astype(np.int64)
+    take = (covered < target[s_owner]) & (2 * (_index_in_group(s_owner, counts) + 1) <= budget)
+    chosen = np.sort(order[take])  # text order
+    owner = s_owner[chosen]
+    base = splits[owner]
+    return Spans.shuffled(owner, s_start[chosen] - base, s_end[chosen] - base, len(n), rng)
+
+
+def gmask_spans(n: np.ndarray, min_ratio: float, rng: np.random.Generator) -> Spans:
+    """One trailing span per text, of length uniform in [max(1, floor(r*n)), n]."""
+    n = np.asarray(n, np.int64)
+    lo = np.minimum(n, np.maximum(1, np.floor(min_ratio * n).astype(np.int64)))
+    length = rng.integers(lo, n + 1)
+    owner = np.flatnonzero(length > 0)  # empty texts stay empty
+    return Spans(owner, n[owner] - length[owner], n[owner], np.zeros(len(owner), np.int64))
+
+
+# -- layout ----------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -77,140 +218,137 @@ class Sample:
     objective: str
 
 
-def mask_count(n: int, ratio: float, rng: np.random.Generator) -> int:
-    """Tokens to blank out: ratio*n with randomised rounding (exact in expectation), >= 1."""
-    k = int(math.floor(ratio * n + rng.random()))
-    return min(n, max(1, k))
+@dataclasses.dataclass
+class Block:
+    """GLM examples back to back: example i is ``[offsets[i], offsets[i] + lengths[i])`` of
+    each flat array; ``spans`` are in Part B order."""
+
+    tokens: np.ndarray
+    targets: np.ndarray
+    loss_weights: np.ndarray
+    positions: np.ndarray
+    block_positions: np.ndarray
+    lengths: np.ndarray
+    prefix_lens: np.ndarray
+    spans: Spans
+    objective: str
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return group_starts(self.lengths)
+
+    def positions_1d(self) -> np.ndarray:
+        """GLM-130B's 1D positions (GLM_SPEC §1.6): arange for [gMASK], the position row otherwise."""
+        if self.objective != "gmask":
+            return self.positions
+        return concat_ranges(np.zeros(len(self.lengths)), self.lengths).astype(np.int32)
+
+    def sample(self, i: int) -> Sample:
+        a, b = int(self.offsets[i]), int(self.offsets[i] + self.lengths[i])
+        lo, hi = np.searchsorted(self.spans.owner, [i, i + 1])
+        return Sample(
+            tokens=self.tokens[a:b],
+            targets=self.targets[a:b],
+            loss_weights=self.loss_weights[a:b],
+            positions=self.positions[a:b],
+            block_positions=self.block_positions[a:b],
+            prefix_len=int(self.prefix_lens[i]),
+            spans=list(zip(self.spans.start[lo:hi].tolist(), self.spans.end[lo:hi].tolist())),
+            objective=self.objective,
+        )
 
 
-def sample_span_lengths(total: int, rng: np.random.Generator) -> list[int]:
-    """Poisson(3) lengths over 1..39 until they reach ``total``; the last is cut to hit it exactly."""
-    if total <= 0:
-        return []
-    # Each length is >= 1, so ``total`` draws always suffice; draw them at once.
-    draws = np.searchsorted(_SPAN_LENGTH_CDF, rng.random(total), side="right") + 1
-    ends = np.cumsum(draws)
-    k = int(np.searchsorted(ends, total)) + 1  # first prefix that reaches total
-    lengths = draws[:k].tolist()
-    lengths[-1] -= int(ends[k - 1]) - total
-    return lengths
+def _part_a(text, splits, spans: Spans, mask_id: int):
+    """Each text with its spans replaced by ``mask_id``: (tokens, text of each, mask indices)."""
+    n = np.diff(splits)
+    g_start = splits[spans.owner] + spans.start
+    inside = np.cumsum(np.bincount(g_start, minlength=len(text) + 1) - np.bincount(splits[spans.owner] + spans.end, minlength=len(text) + 1))
+    is_start = np.zeros(len(text), bool)
+    is_start[g_start] = True
+    keep = (inside[:-1] == 0) | is_start  # a span leaves one token: its mask
+    tokens = np.where(is_start, mask_id, text)[keep]
+    owner = np.repeat(np.arange(len(n)), n)[keep]
+    counts = np.bincount(spans.owner, minlength=len(n))
+    mask_index = spans.start - _cumsum_before(spans.end - spans.start - 1, spans.owner, counts)
+    return tokens, np.bincount(owner, minlength=len(n)), mask_index
 
 
-def place_spans(lengths: list[int], n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
-    """Random non-adjacent placement (at least one kept token between spans), in text order.
-
-    Spans that cannot fit with their gaps are dropped from the end of ``lengths``.
-    """
-    lengths = list(lengths)
-    while lengths and sum(lengths) + len(lengths) - 1 > n:
-        lengths.pop()
-    if not lengths:
-        return []
-    order = rng.permutation(len(lengths))
-    lengths = [lengths[i] for i in order]
-    free = n - sum(lengths) - (len(lengths) - 1)  # kept tokens not needed as separators
-    places = np.sort(rng.integers(0, free + 1, size=len(lengths)))
-    spans, offset = [], 0
-    for place, length in zip(places, lengths):
-        start = offset + int(place)
-        spans.append((start, start + length))
-        offset += length + 1
-    return spans
-
-
-def sentence_spans(
-    tokens: np.ndarray, ends_sentence: np.ndarray, ratio: float, rng: np.random.Generator, budget: int
-) -> list[tuple[int, int]]:
-    """Whole sentences (runs ending at a sentence-final token), shuffled, until >= ratio*n.
-
-    ``budget`` caps the output growth (2 tokens per chosen sentence) so the sample fits.
-    """
-    n = len(tokens)
-    ends = np.flatnonzero(ends_sentence[np.clip(tokens, 0, len(ends_sentence) - 1)])
-    bounds = [0] + [int(e) + 1 for e in ends if e + 1 < n] + [n]
-    sentences = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    target = max(1, int(math.ceil(ratio * n)))
-    chosen, covered = [], 0
-    for i in rng.permutation(len(sentences)):
-        if covered >= target or 2 * (len(chosen) + 1) > budget:
-            break
-        chosen.append(sentences[i])
-        covered += sentences[i][1] - sentences[i][0]
-    return sorted(chosen)
-
-
-def build(
-    text: np.ndarray,
-    spans: list[tuple[int, int]],
-    mask_id: int,
-    ids: SpecialIds,
-    rng: Optional[np.random.Generator],
-    objective: str,
-) -> Sample:
-    """Lay out Part A / Part B for ``spans`` (text order); Part B order is shuffled by ``rng``."""
+def layout(text: np.ndarray, splits: np.ndarray, spans: Spans, mask_id: int, ids: SpecialIds, objective: str) -> Block:
+    """Lay out Part A / Part B of every text of a block for ``spans`` (text order)."""
     text = np.asarray(text, np.int32)
-    a_tokens, a_pos_of_span = [], []
-    cursor = 0
-    for start, end in spans:
-        a_tokens.extend(text[cursor:start].tolist())
-        a_pos_of_span.append(len(a_tokens))
-        a_tokens.append(mask_id)
-        cursor = end
-    a_tokens.extend(text[cursor:].tolist())
-    n_a = len(a_tokens)
-
-    order = list(range(len(spans)))
-    if rng is not None and len(order) > 1:
-        order = [int(i) for i in rng.permutation(len(order))]
-    tokens, targets = list(a_tokens), list(a_tokens)
-    positions = list(range(n_a))
-    blocks = [0] * n_a
-    for i in order:
-        start, end = spans[i]
-        span = text[start:end].tolist()
-        tokens.extend([ids.sop] + span)
-        targets.extend(span + [ids.eop])
-        positions.extend([a_pos_of_span[i]] * (len(span) + 1))
-        blocks.extend(range(1, len(span) + 2))
+    splits = np.asarray(splits, np.int64)
+    n = np.diff(splits)
+    a_tokens, n_a, mask_index = _part_a(text, splits, spans, mask_id)
+    counts = np.bincount(spans.owner, minlength=len(n))
+    n_b = n - n_a + 2 * counts  # each span, plus <sop>/<eop>, minus its mask token
+    order = np.lexsort((spans.rank, spans.owner))
+    seg = (spans.end - spans.start + 1)[order]  # <sop> + span
+    step = concat_ranges(np.zeros(len(seg)), seg)  # 0 at <sop>
+    src = np.repeat((splits[spans.owner] + spans.start)[order], seg) + step  # the target's text index
+    last = step == np.repeat(seg - 1, seg)
+    lengths = n_a + n_b
+    first = group_starts(lengths)
+    a_at, b_at = concat_ranges(first, n_a), concat_ranges(first + n_a, n_b)
+    tokens = np.empty(lengths.sum(), np.int32)
+    targets = np.empty_like(tokens)
+    tokens[a_at], targets[a_at] = a_tokens, a_tokens
+    tokens[b_at] = np.where(step == 0, ids.sop, text[np.maximum(src - 1, 0)])
+    targets[b_at] = np.where(last, ids.eop, text[np.minimum(src, len(text) - 1)])
     weights = np.zeros(len(tokens), np.float32)
-    weights[n_a:] = 1.0
-    return Sample(
-        tokens=np.asarray(tokens, np.int32),
-        targets=np.asarray(targets, np.int32),
-        loss_weights=weights,
-        positions=np.asarray(positions, np.int32),
-        block_positions=np.asarray(blocks, np.int32),
-        prefix_len=n_a,
-        spans=[spans[i] for i in order],
-        objective=objective,
-    )
+    weights[b_at] = 1.0
+    positions = np.empty_like(tokens)
+    positions[a_at] = concat_ranges(np.zeros(len(n)), n_a)
+    positions[b_at] = np.repeat(mask_index[order], seg)
+    blocks = np.zeros_like(tokens)
+    blocks[b_at] = step + 1
+    b_spans = Spans(spans.owner[order], spans.start[order], spans.end[order], spans.rank[order])
+    return Block(tokens, targets, weights, positions, blocks, lengths, n_a, b_spans, objective)
+
+
+# -- objectives ------------------------------------------------------------------------
+
+
+def mask_block(text, splits, ids: SpecialIds, rng: np.random.Generator, ratio: float = 0.15) -> Block:
+    return layout(text, splits, mask_spans(np.diff(splits), ratio, rng), ids.mask, ids, "mask")
+
+
+def smask_block(text, splits, ids: SpecialIds, rng: np.random.Generator, ends_sentence: np.ndarray,
+                ratio: float = 0.15, budget: int = 1 << 30) -> Block:
+    text, splits = np.asarray(text, np.int32), np.asarray(splits, np.int64)
+    return layout(text, splits, sentence_spans(text, splits, ends_sentence, ratio, rng, budget), ids.smask, ids, "smask")
+
+
+def gmask_block(text, splits, ids: SpecialIds, rng: np.random.Generator, min_ratio: float = 0.2) -> Block:
+    return layout(text, splits, gmask_spans(np.diff(splits), min_ratio, rng), ids.gmask, ids, "gmask")
+
+
+def prompt_block(text, splits, prompt_lens: np.ndarray, ids: SpecialIds) -> Block:
+    """Instruction pairs, each text ``prompt + response``: Part A ``prompt [gMASK]``, Part B
+    ``<sop> response``. Texts with an empty response stay empty."""
+    n = np.diff(np.asarray(splits, np.int64))
+    prompt_lens = np.asarray(prompt_lens, np.int64)
+    owner = np.flatnonzero(n > prompt_lens)
+    spans = Spans(owner, prompt_lens[owner], n[owner], np.zeros(len(owner), np.int64))
+    return layout(text, splits, spans, ids.gmask, ids, "gmask")
+
+
+def _one(text) -> tuple[np.ndarray, np.ndarray]:
+    text = np.asarray(text, np.int32)
+    return text, np.array([0, len(text)], np.int64)
 
 
 def mask_sample(text: np.ndarray, ids: SpecialIds, rng: np.random.Generator, ratio: float = 0.15) -> Sample:
-    n = len(text)
-    lengths = sample_span_lengths(mask_count(n, ratio, rng), rng)
-    return build(text, place_spans(lengths, n, rng), ids.mask, ids, rng, "mask")
+    return mask_block(*_one(text), ids, rng, ratio).sample(0)
 
 
 def smask_sample(
     text: np.ndarray, ids: SpecialIds, rng: np.random.Generator, ends_sentence: np.ndarray, ratio: float = 0.15, budget: int = 1 << 30
 ) -> Sample:
-    spans = sentence_spans(np.asarray(text), ends_sentence, ratio, rng, budget)
-    return build(text, spans, ids.smask, ids, rng, "smask")
+    return smask_block(*_one(text), ids, rng, ends_sentence, ratio, budget).sample(0)
 
 
 def gmask_sample(text: np.ndarray, ids: SpecialIds, rng: np.random.Generator, min_ratio: float = 0.2) -> Sample:
-    """One trailing span of length uniform in [max(1, floor(r*n)), n]."""
-    n = len(text)
-    lo = min(n, max(1, int(min_ratio * n)))
-    length = int(rng.integers(lo, n + 1))
-    return build(text, [(n - length, n)], ids.gmask, ids, None, "gmask")
-
-
-def prompt_sample(prompt: np.ndarray, response: np.ndarray, ids: SpecialIds) -> Sample:
-    """An instruction pair: Part A ``prompt [gMASK]``, Part B ``<sop> response``."""
-    text = np.concatenate([np.asarray(prompt, np.int32), np.asarray(response, np.int32)])
-    return build(text, [(len(prompt), len(text))], ids.gmask, ids, None, "gmask")
+    return gmask_block(*_one(text), ids, rng, min_ratio).sample(0)
 
 
 def positions_1d(sample: Sample) -> np.ndarray:

@@ -6,22 +6,22 @@ numpy call), and the block is split into single examples only at the end, before
 seqio's shuffle and mixture sampling. Per-element tf.data work costs far more than
 these operations on short GLM samples.
 
-Randomness: each block gets a seed from seqio (``map_over_dataset(num_seeds=1)``) and
-example i of the block uses ``default_rng([seed, i])``, so the same dataset seed always
-yields the same examples. Output features, rank 1 and of one length per example:
-``tokens, targets, loss_weights, positions, block_ids`` (GLM's block positions).
+Randomness: each block gets a seed from seqio (``map_over_dataset(num_seeds=1)``) and one
+``default_rng(seed)`` draws for the whole block (infilling builds a block in one pass), so
+the same dataset seed always yields the same examples. Output features, rank 1 and of one
+length per example: ``tokens, targets, loss_weights, positions, block_ids`` (GLM's block
+positions).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from glm_jax.data import infilling as inf
 
 FEATURES = ("tokens", "targets", "loss_weights", "positions", "block_ids")
-_NP_DTYPES = (np.int32, np.int32, np.float32, np.int32, np.int32)
 BLOCK = 256  # documents per block
 
 
@@ -73,31 +73,34 @@ def chunk(max_len: int, key: str = "ids"):
     return fn
 
 
-def _emit(sample: inf.Sample, one_d: bool):
-    pos = inf.positions_1d(sample) if one_d else sample.positions
-    return (sample.tokens, sample.targets, sample.loss_weights, pos, sample.block_positions)
+def example_options():
+    """tf.data options for the examples and everything built on them (options propagate to
+    derived datasets: seqio's shuffle and mixture, the pipeline's batching).
+
+    Autotuning is off: past the blocks, every stage handles single short examples, and
+    autotune's per-element bookkeeping and extra thread hand-offs cost 20-30% of the
+    pipeline's examples/s on glm-tiny with two host cores. ``AUTOTUNE`` then means
+    tf.data's fixed defaults (a parallel map uses every core, a prefetch buffer grows
+    while it runs dry). The order of the examples does not depend on it
+    (``deterministic`` stays on).
+    """
+    options = _tf().data.Options()
+    options.autotune.enabled = False
+    return options
 
 
-def _per_block(make_one: Callable, inputs: tuple[str, ...], with_seed: bool):
-    """Apply ``make_one(*arrays[, rng]) -> 5 arrays`` to every example of a ragged block in
-    one numpy call, then split the block into single examples."""
+def _per_block(make_block: Callable, inputs: tuple[str, ...], with_seed: bool):
+    """Apply ``make_block(values, splits[, rng])`` (the flat ``FEATURES`` of a block of examples,
+    then their lengths) to a ragged block in one numpy call, then split the block into
+    single examples."""
 
     def run(*args):
         n_in = len(inputs)
         values, splits = args[:n_in], args[n_in : 2 * n_in]
-        seed = [int(s) & 0xFFFFFFFF for s in args[2 * n_in]] if with_seed else None
-        outs: list[list[np.ndarray]] = [[] for _ in FEATURES]
-        lengths = []
-        for i in range(len(splits[0]) - 1):
-            arrays = [v[sp[i] : sp[i + 1]] for v, sp in zip(values, splits)]
-            if with_seed:
-                arrays.append(np.random.default_rng(seed + [i]))
-            feats = make_one(*arrays)
-            for o, f in zip(outs, feats):
-                o.append(f)
-            lengths.append(len(feats[0]))
-        flat = [np.concatenate(o).astype(dt) if o else np.zeros(0, dt) for o, dt in zip(outs, _NP_DTYPES)]
-        return (*flat, np.asarray(lengths, np.int64))
+        if with_seed:
+            rng = np.random.default_rng([int(s) & 0xFFFFFFFF for s in args[2 * n_in]])
+            return make_block(values, splits, rng)
+        return make_block(values, splits)
 
     def fn(ds):
         tf = _tf()
@@ -111,24 +114,30 @@ def _per_block(make_one: Callable, inputs: tuple[str, ...], with_seed: bool):
             lengths = out[-1]
             return {k: tf.RaggedTensor.from_row_lengths(tf.ensure_shape(v, [None]), lengths) for k, v in zip(FEATURES, out[:-1])}
 
-        return ds.map(call).unbatch()
+        return ds.map(call).unbatch().with_options(example_options())
 
     return fn
+
+
+def _features(block: inf.Block, one_d: bool) -> tuple[np.ndarray, ...]:
+    """The block's flat features in ``FEATURES`` order, then each example's length."""
+    pos = block.positions_1d() if one_d else block.positions
+    return (block.tokens, block.targets, block.loss_weights, pos, block.block_positions, block.lengths)
 
 
 def blank_infilling(objective: str, ids: inf.SpecialIds, *, one_d: bool, mask_ratio: float = 0.15,
                     gmask_min_ratio: float = 0.2, ends_sentence: np.ndarray | None = None, budget: int = 1 << 30):
     """One GLM example per token chunk: ``objective`` in mask | smask | gmask."""
 
-    def make(tokens, rng):
-        tokens = np.asarray(tokens, np.int32)
+    def make(values, splits, rng):
+        text, splits = np.asarray(values[0], np.int32), np.asarray(splits[0], np.int64)
         if objective == "mask":
-            s = inf.mask_sample(tokens, ids, rng, mask_ratio)
+            block = inf.mask_block(text, splits, ids, rng, mask_ratio)
         elif objective == "smask":
-            s = inf.smask_sample(tokens, ids, rng, ends_sentence, mask_ratio, budget)
+            block = inf.smask_block(text, splits, ids, rng, ends_sentence, mask_ratio, budget)
         else:
-            s = inf.gmask_sample(tokens, ids, rng, gmask_min_ratio)
-        return _emit(s, one_d)
+            block = inf.gmask_block(text, splits, ids, rng, gmask_min_ratio)
+        return _features(block, one_d)
 
     import seqio
 
@@ -140,19 +149,29 @@ def blank_infilling(objective: str, ids: inf.SpecialIds, *, one_d: bool, mask_ra
     return lambda ds: per_block(attach_seed(ds))
 
 
-def instruction(ids: inf.SpecialIds, *, one_d: bool, max_len: int):
-    """Prompt/response pairs as ``prompt [gMASK] <sop> response <eop>``, cut to fit ``max_len``
-    (the response keeps at least half the room; the prompt loses its start first)."""
+def fit_pairs(prompt_lens: np.ndarray, response_lens: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """How many prompt and response tokens each pair keeps to fit ``prompt [gMASK] <sop>
+    response`` in ``max_len``: the response keeps at least half the room, the prompt loses its
+    start first. A pair without a response keeps nothing (the converter drops it)."""
+    p, r = np.asarray(prompt_lens, np.int64), np.asarray(response_lens, np.int64)
+    room = max_len - 2
+    over = p + r > room
+    r = np.where(over, np.minimum(r, np.maximum(max(1, room // 2), room - p)), r)
+    p = np.where(over, np.clip(room - r, 0, p), p)
+    return np.where(r > 0, p, 0), r
 
-    def make(prompt, response):
-        prompt = np.asarray(prompt, np.int32)
-        response = np.asarray(response, np.int32)
-        room = max_len - 2
-        if len(prompt) + len(response) > room:
-            response = response[: max(1, room // 2, room - len(prompt))]
-            prompt = prompt[len(prompt) - (room - len(response)) :] if room > len(response) else prompt[:0]
-        if len(response) == 0:  # nothing to learn; the converter drops empty examples
-            return tuple(np.zeros(0, dt) for dt in _NP_DTYPES)
-        return _emit(inf.prompt_sample(prompt, response, ids), one_d)
+
+def instruction(ids: inf.SpecialIds, *, one_d: bool, max_len: int):
+    """Prompt/response pairs as ``prompt [gMASK] <sop> response <eop>``, cut by ``fit_pairs``."""
+
+    def make(values, splits):
+        (prompt, response), (p_splits, r_splits) = values, [np.asarray(s, np.int64) for s in splits]
+        p_len, r_len = fit_pairs(np.diff(p_splits), np.diff(r_splits), max_len)
+        # Each text is the kept end of its prompt, then the kept start of its response.
+        starts = np.stack([p_splits[1:] - p_len, r_splits[:-1] + len(prompt)], axis=1).ravel()
+        pieces = np.stack([p_len, r_len], axis=1).ravel()
+        text = np.concatenate([prompt, response]).astype(np.int32)[inf.concat_ranges(starts, pieces)]
+        splits = np.concatenate([[0], np.cumsum(p_len + r_len)])
+        return _features(inf.prompt_block(text, splits, p_len, ids), one_d)
 
     return _per_block(make, ("prompt", "response"), with_seed=False)

@@ -1,5 +1,7 @@
 """Property tests of GLM blank infilling over thousands of generated documents."""
 
+import itertools
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -115,3 +117,119 @@ def test_samples_are_a_function_of_the_seed():
     a = inf.mask_sample(doc, IDS, np.random.default_rng(7))
     b = inf.mask_sample(doc, IDS, np.random.default_rng(7))
     np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+# -- blocks: the pipeline lays out hundreds of texts per call ------------------------------
+
+
+def as_block(docs):
+    docs = list(docs)
+    splits = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+    return np.concatenate(docs).astype(np.int32), splits, docs
+
+
+def test_every_text_of_a_block_is_a_valid_sample():
+    rng = np.random.default_rng(5)
+    docs = [d.copy() for d in documents(600, seed=6)]
+    for d in docs:
+        d[rng.random(len(d)) < 0.08] = 8  # sentence ends
+    text, splits, docs = as_block(docs)
+    blocks = [
+        inf.mask_block(text, splits, IDS, rng),
+        inf.smask_block(text, splits, IDS, rng, ENDS),
+        inf.gmask_block(text, splits, IDS, rng, min_ratio=0.2),
+    ]
+    for block in blocks:
+        assert len(block.lengths) == len(docs)
+        for i, doc in enumerate(docs):
+            s = block.sample(i)
+            check_sample(doc, s)
+            assert len(s.tokens) == len(doc) + 2 * len(s.spans)
+        if block.objective == "mask":
+            for i in range(len(docs)):
+                spans = sorted(block.sample(i).spans)
+                assert all(e < st for (_, e), (st, _) in itertools.pairwise(spans))  # never adjacent
+
+
+def test_smask_takes_whole_sentences_until_the_ratio_or_the_budget():
+    rng = np.random.default_rng(7)
+    docs = [d.copy() for d in documents(400, seed=8)]
+    for d in docs:
+        d[rng.random(len(d)) < 0.05] = 7
+    text, splits, docs = as_block(docs)
+    for budget in (1 << 30, 4):
+        block = inf.smask_block(text, splits, IDS, rng, ENDS, ratio=0.15, budget=budget)
+        for i, doc in enumerate(docs):
+            spans = block.sample(i).spans
+            lengths = [e - s for s, e in spans]
+            ends = ENDS[doc]
+            for s, e in spans:
+                assert s == 0 or ends[s - 1]  # starts a sentence
+                assert e == len(doc) or ends[e - 1]  # ends one
+                assert not ends[s : e - 1].any()  # and is only one
+            assert 2 * len(spans) <= budget
+            target = max(1, int(np.ceil(0.15 * len(doc))))
+            if budget >= 2 * len(spans) + 2:  # not capped by the budget: enough, and no sentence too many
+                assert sum(lengths) >= target and sum(lengths) - max(lengths) < target
+
+
+def test_block_statistics_match_glm():
+    rng = np.random.default_rng(10)
+    text, splits, _ = as_block(rng.integers(10, 1000, size=(10_000, 512)))
+    block = inf.mask_block(text, splits, IDS, rng)
+    lengths = block.spans.end - block.spans.start
+    assert lengths.sum() / len(text) == pytest.approx(0.15, abs=0.005)
+    assert lengths.mean() == pytest.approx(inf.SPAN_LENGTH_MEAN, rel=0.05)
+    assert lengths.max() <= 39 and lengths.min() >= 1
+    in_text_order = [np.all(np.diff([s for s, _ in block.sample(i).spans]) > 0) for i in range(200)]
+    assert sum(in_text_order) < 5  # ~20 spans per text: Part B is shuffled per text
+    n, r = 200, 0.2
+    text, splits, _ = as_block(np.tile(np.arange(10, 10 + n, dtype=np.int32), (20_000, 1)))
+    g = inf.gmask_block(text, splits, IDS, rng, r)
+    counts = np.bincount(g.spans.end - g.spans.start - int(r * n), minlength=n - int(r * n) + 1)
+    assert len(counts) == n - int(r * n) + 1 and stats.chisquare(counts).pvalue > 1e-3
+
+
+def test_texts_of_a_block_draw_independently_and_blocks_follow_the_seed():
+    doc = np.arange(10, 310, dtype=np.int32)
+    text, splits, _ = as_block([doc] * 100)
+    block = inf.mask_block(text, splits, IDS, np.random.default_rng(11))
+    layouts = {tuple(block.sample(i).spans) for i in range(100)}
+    assert len(layouts) > 95  # the same text, 100 different samples
+    again = inf.mask_block(text, splits, IDS, np.random.default_rng(11))
+    np.testing.assert_array_equal(again.tokens, block.tokens)
+    other = inf.mask_block(text, splits, IDS, np.random.default_rng(12))
+    assert not np.array_equal(other.tokens, block.tokens)
+
+
+def test_block_1d_positions_restart_per_gmask_example():
+    text, splits, _ = as_block([np.arange(10, 10 + n, dtype=np.int32) for n in (5, 1, 30)])
+    block = inf.gmask_block(text, splits, IDS, np.random.default_rng(0))
+    expected = np.concatenate([np.arange(n) for n in block.lengths])
+    np.testing.assert_array_equal(block.positions_1d(), expected)
+    m = inf.mask_block(text, splits, IDS, np.random.default_rng(0))
+    np.testing.assert_array_equal(m.positions_1d(), m.positions)
+
+
+def test_spans_that_cannot_fit_are_dropped_and_the_rest_stay_apart():
+    rng = np.random.default_rng(13)
+    text, splits, docs = as_block([rng.integers(10, 1000, size=n).astype(np.int32) for n in range(1, 40)] * 20)
+    block = inf.mask_block(text, splits, IDS, rng, ratio=0.9)  # far more than fits with gaps
+    for i, doc in enumerate(docs):
+        s = block.sample(i)
+        check_sample(doc, s)
+        spans = sorted(s.spans)
+        assert all(e < st for (_, e), (st, _) in itertools.pairwise(spans))
+        assert sum(e - st for st, e in spans) + len(spans) - 1 <= len(doc)
+
+
+def test_span_lengths_do_not_depend_on_their_place_in_the_text():
+    # The last length drawn is cut to hit 15% exactly; placement must not put it last.
+    rng = np.random.default_rng(14)
+    text, splits, _ = as_block(rng.integers(10, 1000, size=(5_000, 512)))
+    spans = inf.mask_block(text, splits, IDS, rng).spans
+    order = np.lexsort((spans.start, spans.owner))
+    owner, length = spans.owner[order], (spans.end - spans.start)[order]
+    first = np.r_[True, owner[1:] != owner[:-1]]
+    last = np.r_[owner[1:] != owner[:-1], True]
+    assert length[first].mean() == pytest.approx(length[last].mean(), rel=0.05)
