@@ -39,4 +39,5 @@ def test_bench_train_json():
     # MFU is model FLOP/s over the best measured matmul rate, all from this one run.
     flops = r["tokens_per_s"] * flops_per_token(cfg.model, cfg.train.seq_len)
     assert r["mfu"] == pytest.approx(flops / 1e12 / max(r["peak_tflops_per_s"].values()), rel=0.02)
+    assert r["mfu_median_step"] <= r["mfu"]
     assert 0 < r["mfu"] < 1
