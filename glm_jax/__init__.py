@@ -1,3 +1,7 @@
 """glm_jax: the GLM language-model family (GLM, GLM-130B, ChatGLM-6B) in JAX/Flax."""
 
 __version__ = "0.1.0"
+
+from glm_jax.loading import LoadedModel, load  # noqa: E402  (imports neither jax nor torch)
+
+__all__ = ["LoadedModel", "load"]

@@ -1,4 +1,4 @@
-"""``python -m glm_jax.bench {data,train} [--json] ...``: benchmarks that print JSON."""
+"""``python -m glm_jax.bench {data,train,convert} [--json] ...``: benchmarks that print JSON."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 from glm_jax import cli
 
-BENCHES = ("data", "train")
+BENCHES = ("data", "train", "convert")
 
 
 def main(argv=None) -> int:
@@ -22,6 +22,10 @@ def main(argv=None) -> int:
         from glm_jax.bench import train
 
         return train.main(argv[1:])
+    if argv[0] == "convert":
+        from glm_jax.bench import convert
+
+        return convert.main(argv[1:])
     return 2
 
 

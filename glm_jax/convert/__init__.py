@@ -1,0 +1,15 @@
+"""Checkpoint converters: the authors' formats <-> glm_jax's orbax checkpoints.
+
+    python -m glm_jax.convert from-hf --src HF_DIR --dst OUT_DIR
+    python -m glm_jax.convert to-hf --src OUT_DIR --dst HF_DIR
+
+``layout`` is the single statement of how glm_jax's parameters map to the authors'
+state-dict keys and layouts, in both directions; the rest streams tensors through it
+block by block so that memory stays bounded whatever the checkpoint's size. Importing
+this package does not import jax or torch.
+"""
+
+from glm_jax.convert.errors import ConvertError
+from glm_jax.convert.layout import entries, from_authors, to_authors
+
+__all__ = ["ConvertError", "entries", "from_authors", "to_authors"]

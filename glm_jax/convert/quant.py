@@ -1,0 +1,82 @@
+"""Weight-only INT8/INT4 quantization exactly as GLM-130B and ChatGLM-6B store it (GLM_SPEC §2.5).
+
+Per output row r of a torch ``[out, in]`` fp16 weight, symmetric:
+
+    scale[r] = fp16( max_j |W[r, j]| / (2^(b-1) - 1) )          127 for INT8, 7 for INT4
+    q[r, j]  = int8( round_half_even( fp16(W[r, j] / scale[r]) ) )
+
+Every step is rounded to fp16 the way the authors' half-precision tensors round it
+(compute in float32, round the result to fp16), and ``round`` is half-to-even
+(``torch.round``): dropping either changes some q. INT4 packs two values per byte
+along the input dimension, the even column in the high nibble:
+``byte = (q[2j] << 4) | (q[2j+1] & 0xF)``; unpacking sign-extends both nibbles. The
+stored tensors are ``weight`` int8 ``[out, in * b / 8]`` and ``weight_scale`` fp16
+``[out]``; the runtime weight is ``fp16(q * scale[row])``.
+
+Requantizing a dequantized weight does not always give the stored q and scale back:
+rows whose scale is subnormal in fp16 (INT8 rows with max |W| below ~0.008) can round
+it to a neighbouring value. So the converters keep a quantized source's own tensors and
+reuse them while the weights are unchanged (``glm_jax.convert.from_hf`` / ``to_hf``).
+
+All functions work on row blocks as well as whole tensors (everything is per row).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BITS = (4, 8)
+# The four linears per layer the authors quantize; embeddings, lm_head, LayerNorms and
+# biases stay fp16.
+LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+
+
+def is_quantized_linear(key: str) -> bool:
+    """True for the ``.weight`` of one of the four quantized linears."""
+    return key.endswith(".weight") and any(key.endswith(f".{name}.weight") for name in LINEARS)
+
+
+def packed_shape(shape: tuple[int, int], bits: int) -> tuple[int, int]:
+    out, inp = shape
+    return (out, inp * bits // 8)
+
+
+def _check_bits(bits: int) -> int:
+    if bits not in BITS:
+        raise ValueError(f"quantization bits must be 4 or 8, got {bits}")
+    return (1 << (bits - 1)) - 1
+
+
+def quantize(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """fp16 rows ``[n, in]`` -> (``weight`` int8 ``[n, in*b/8]``, ``weight_scale`` fp16 ``[n]``)."""
+    qmax = _check_bits(bits)
+    w = np.asarray(w, np.float16)
+    if bits == 4 and w.shape[1] % 2:
+        raise ValueError(f"INT4 needs an even input size, got {w.shape[1]}")
+    scale = (np.abs(w).max(axis=1) / np.float16(qmax)).astype(np.float16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.round(w / scale[:, None])  # fp16 / fp16 rounds to fp16, then half-to-even
+    q = np.nan_to_num(q, nan=0.0).astype(np.int8)  # an all-zero row has scale 0: store zeros
+    return (pack_int4(q) if bits == 4 else q), scale
+
+
+def dequantize(weight: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    """The runtime weight: ``fp16(q * scale[row])``, ``[n, in]`` fp16."""
+    _check_bits(bits)
+    q = unpack_int4(weight) if bits == 4 else np.asarray(weight, np.int8)
+    return q.astype(np.float16) * np.asarray(scale, np.float16)[:, None]
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int8 values in [-8, 7], ``[n, 2m]`` -> ``[n, m]`` bytes, even column in the high nibble."""
+    u = np.asarray(q, np.int8).view(np.uint8)
+    return ((u[:, 0::2] << 4) | (u[:, 1::2] & 0x0F)).astype(np.uint8).view(np.int8)
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """``[n, m]`` bytes -> ``[n, 2m]`` int8, both nibbles sign-extended."""
+    b = np.asarray(packed, np.int8)
+    out = np.empty((b.shape[0], 2 * b.shape[1]), np.int8)
+    out[:, 0::2] = b >> 4
+    out[:, 1::2] = (b << 4).astype(np.int8) >> 4
+    return out

@@ -1,0 +1,238 @@
+"""glm_jax checkpoint -> Hugging Face ChatGLM-6B checkpoint (the inverse of from-hf).
+
+    python -m glm_jax.convert to-hf --src DIR --dst DIR [--dtype float16] [--quantize 0|4|8]
+                                     [--format bin|safetensors] [--max-shard-size 2GB]
+
+Writes ``config.json`` (the fields the authors' ``ChatGLMConfig`` reads, over the
+source's own config.json when the checkpoint came from from-hf) and the weights under
+the authors' key names, shapes and layouts, sharded with an index when larger than
+``--max-shard-size``. Stored dtypes are kept by default; ``--dtype float16`` casts as
+released: LayerNorms stay float32. The rotary ``inv_freq`` buffers are written as the
+authors' code computes them (fp16-rounded) unless the from-hf source had none, so
+from-hf followed by to-hf gives back the same tensors bit for bit.
+
+``--quantize 8|4`` writes the four linears of each layer as the authors' INT8/INT4
+``weight`` + ``weight_scale`` (GLM_SPEC §2.5); a checkpoint converted from a quantized
+source is written quantized again by default, with the source's own quantized tensors
+wherever the weights still match them.
+
+Memory: a ``.bin`` file is written one whole tensor at a time (torch's zip records are
+written whole); ``--format safetensors`` streams, one block at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from typing import Iterator, Optional
+
+import numpy as np
+
+from glm_jax.config import ConfigError, ModelConfig, load_config
+from glm_jax.convert import blocks as blk
+from glm_jax.convert import hf_config, hf_write, layout, output, quant, store
+from glm_jax.convert.errors import ConvertError
+from glm_jax.convert.tensors import np_dtype, to_numpy, to_torch, torch_dtype
+from glm_jax.convert.progress import Progress
+
+DTYPES = ("float32", "float16", "bfloat16")
+FORMATS = ("bin", "safetensors")
+DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
+READ_AHEAD = 4
+
+
+def read_model_config(src: str) -> ModelConfig:
+    path = os.path.join(src, output.CONFIG)
+    if not os.path.isfile(path):
+        raise ConvertError(f"{src}: no {output.CONFIG} (expected a glm_jax checkpoint directory, e.g. from from-hf)")
+    try:
+        return load_config(path).model
+    except ConfigError as e:
+        raise ConvertError(f"{path}: {e}") from None
+
+
+def open_params(src: str, cfg: ModelConfig) -> tuple[store.CheckpointReader, dict]:
+    """The parameter checkpoint, checked leaf by leaf against the config."""
+    try:
+        reader = store.CheckpointReader(os.path.join(src, output.PARAMS))
+    except FileNotFoundError as e:
+        raise ConvertError(str(e)) from None
+    arrays = {}
+    for path, shape in layout.leaf_shapes(cfg).items():
+        if path not in reader.leaves:
+            raise ConvertError(f"{src}: parameter {'/'.join(path)} is missing from {output.PARAMS}/ (config.yaml implies it)")
+        arr = reader.open(path)
+        if tuple(arr.shape) != shape:
+            raise ConvertError(f"{src}: parameter {'/'.join(path)} has shape {list(arr.shape)}, but config.yaml implies {list(shape)}")
+        arrays[path] = arr
+    return reader, arrays
+
+
+def _read_units(t: layout.Transform, chunks: tuple[int, ...], stacked: bool) -> int:
+    """Blocks that match the stored chunks (one chunk per read), else whole tensors."""
+    ours = tuple(chunks[1:]) if stacked else tuple(chunks)
+    units = ours[t.perm.index(t.block_axis)]
+    if blk.chunk_shape(t, units) == ours:
+        return units
+    return t.split[t.block_axis]
+
+
+def _inv_freq(cfg: ModelConfig, dtype: str) -> np.ndarray:
+    """The authors' buffer: 1 / base^(2i/dim) in float32, rounded to fp16 (GLM_SPEC §2.2)."""
+    import torch
+
+    dim = cfg.head_dim // 2 if cfg.position_encoding == "rotary_2d" else cfg.head_dim
+    inv = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2).float() / dim))
+    inv = inv.half().float().numpy()
+    return inv.astype(np_dtype(dtype))
+
+
+def convert(
+    src: str,
+    dst: str,
+    *,
+    dtype: Optional[str] = None,
+    fmt: str = "bin",
+    quantize: Optional[int] = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Convert; ``quantize`` 4/8 writes INT4/INT8 linears, 0 dense ones, None as the from-hf source was."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if fmt not in FORMATS:
+        raise ConvertError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    cfg = read_model_config(src)
+    hf_config.check_representable(cfg)
+    _, arrays = open_params(src, cfg)
+    record = {}
+    record_path = os.path.join(src, output.HF_SOURCE)
+    if os.path.isfile(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+    bits = record.get("quantization_bit", 0) if quantize is None else quantize
+    if bits not in (0, *quant.BITS):
+        raise ConvertError(f"--quantize {bits}: expected 0, 4 or 8")
+    kept = _Kept(src, bits) if bits and record.get("quantization_bit") == bits else None
+
+    entries = {e.key: e for e in layout.entries(cfg)}
+
+    def out_dtype(e: layout.Entry) -> str:
+        if bits and quant.is_quantized_linear(e.key):
+            return "float16"  # what is quantized, and what the runtime dequantizes to
+        if dtype is None:
+            return np.dtype(arrays[e.path].dtype.numpy_dtype).name
+        return "float32" if e.is_layernorm and dtype in ("float16", "bfloat16") else dtype
+
+    weights_dtype = out_dtype(entries["transformer.word_embeddings.weight"])
+    with_inv_freq = record.get("rotary_inv_freq", True)
+    inv_dtype = (record.get("rotary_inv_freq_dtype") if dtype is None else None) or weights_dtype
+
+    tensors: list[hf_write.OutTensor] = []
+    for key, e in entries.items():
+        if with_inv_freq and key.endswith(".attention.query_key_value.weight"):
+            inv_key = key.replace("query_key_value.weight", "rotary_emb.inv_freq")
+            tensors.append(hf_write.OutTensor(inv_key, _inv_freq(cfg, inv_dtype).shape, inv_dtype))
+        if bits and quant.is_quantized_linear(key):
+            shape = e.transform.authors_shape
+            tensors.append(hf_write.OutTensor(key, quant.packed_shape(shape, bits), "int8"))
+            tensors.append(hf_write.OutTensor(scale_key(key), shape[:1], kept.scale_dtype(key) if kept else "float16"))
+        else:
+            tensors.append(hf_write.OutTensor(key, e.transform.authors_shape, out_dtype(e)))
+    for t in tensors:
+        if t.dtype not in DTYPES + ("int8",):
+            raise ConvertError(f"{src}: {t.key} would be written as {t.dtype}; expected one of {', '.join(DTYPES)}")
+
+    bar = Progress(sum(t.nbytes for t in tensors), "to-hf", enabled=progress)
+
+    def dense(e: layout.Entry) -> Iterator[tuple[blk.Block, np.ndarray]]:
+        t, arr = e.transform, arrays[e.path]
+        prefix = layout.leaf_index(e, cfg)
+        tdt = torch_dtype(out_dtype(e))
+        units = _read_units(t, tuple(arr.chunk_layout.read_chunk.shape), bool(prefix))
+        pending: collections.deque = collections.deque()
+        for b in blk.blocks(t, units):  # a few reads ahead, so decoding overlaps the permutes
+            pending.append((b, arr[prefix + b.region].read()))
+            if len(pending) > READ_AHEAD:
+                yield _finish(*pending.popleft(), t, tdt)
+        while pending:
+            yield _finish(*pending.popleft(), t, tdt)
+
+    def rows(key: str) -> Iterator[np.ndarray]:
+        for part in _rows(key):
+            bar.update(part.nbytes)
+            yield part
+
+    def _rows(key: str) -> Iterator[np.ndarray]:
+        if key.endswith("rotary_emb.inv_freq"):
+            yield _inv_freq(cfg, inv_dtype)
+        elif key in entries and not (bits and quant.is_quantized_linear(key)):
+            yield from (part for _, part in dense(entries[key]))
+        else:  # a quantized linear's weight or weight_scale
+            wkey = key if key in entries else key[: -len("weight_scale")] + "weight"
+            for b, part in dense(entries[wkey]):
+                q, scale = (kept.reuse(wkey, b, part) if kept else None) or quant.quantize(part, bits)
+                yield q if key == wkey else scale
+
+    groups = hf_write.shard(tensors, max_shard_bytes)
+    names, index_name = hf_write.shard_names(fmt, len(groups))
+    write = hf_write.write_bin if fmt == "bin" else hf_write.write_safetensors
+    with output.staged_output(dst, overwrite=overwrite) as tmp:
+        for name, group in zip(names, groups, strict=True):
+            write(os.path.join(tmp, name), group, rows)
+        if len(groups) > 1:
+            index = {
+                "metadata": {"total_size": sum(t.nbytes for t in tensors)},
+                "weight_map": {t.key: name for name, group in zip(names, groups, strict=True) for t in group},
+            }
+            with open(os.path.join(tmp, index_name), "w") as f:
+                json.dump(index, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config.hf_config(cfg, weights_dtype, record.get("config"), quantization_bit=bits), f, indent=2)
+        seconds = bar.close()
+    return {"bytes": bar.total, "seconds": seconds, "files": names}
+
+
+def _finish(b: blk.Block, future, t: layout.Transform, tdt) -> tuple[blk.Block, np.ndarray]:
+    box = to_torch(np.asarray(future.result()))
+    return b, to_numpy(blk.ours_to_rows(t, b, box).to(tdt))
+
+
+def scale_key(weight_key: str) -> str:
+    return weight_key[: -len("weight")] + "weight_scale"
+
+
+class _Kept:
+    """A quantized source's own tensors (``quantized/``, written by from-hf).
+
+    Requantizing dequantized weights does not always reproduce them (glm_jax.convert.quant),
+    so a block whose weights still dequantize from the kept tensors is written with those.
+    """
+
+    def __init__(self, src: str, bits: int):
+        path = os.path.join(src, output.QUANTIZED)
+        self.reader = store.CheckpointReader(path) if os.path.isdir(path) else None
+        self.bits = bits
+        self._open: dict = {}
+
+    def _array(self, key: str):
+        if key not in self._open:
+            self._open[key] = self.reader.open((key,))
+        return self._open[key]
+
+    def scale_dtype(self, weight_key: str) -> str:
+        key = scale_key(weight_key)
+        if self.reader is None or (key,) not in self.reader.leaves:
+            return "float16"
+        return np.dtype(self._array(key).dtype.numpy_dtype).name
+
+    def reuse(self, weight_key: str, b: blk.Block, dense_rows: np.ndarray):
+        if self.reader is None or (weight_key,) not in self.reader.leaves:
+            return None
+        rows = (slice(b.row_start, b.row_stop),)
+        q = np.asarray(self._array(weight_key)[rows].read().result())
+        scale = np.asarray(self._array(scale_key(weight_key))[rows].read().result())
+        same = quant.dequantize(q, scale.astype(np.float16), self.bits).view(np.uint16)
+        return (q, scale) if np.array_equal(same, np.asarray(dense_rows, np.float16).view(np.uint16)) else None
