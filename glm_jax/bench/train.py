@@ -5,7 +5,8 @@
 Presets:
   glm-tiny      configs/glm-tiny.yaml as the trainer runs it.
   small-anchor  a GLM-130B-style block at toy width: embed 256, 4 layers, 4 heads of 64,
-                GeGLU inner 1024, vocab 32000, seq 256, batch 4, bf16 compute, fp32 params.
+                GeGLU inner 1024, vocab 32000, seq 256, batch 4, bf16 compute, fp32 params
+                (layers unrolled).
   100m          ~110M parameters (embed 768, 12 layers, 12 heads, GeGLU inner 2048,
                 vocab 32000) at seq 512, batch 4, bf16 compute.
 
@@ -42,8 +43,10 @@ def preset_config(name: str, overrides: Sequence[str] = ()) -> Config:
     if name == "glm-tiny":
         return load_config("configs/glm-tiny.yaml", ["mesh.data=-1", *overrides])
     if name == "small-anchor":
+        # Four layers compile quickly unrolled, and unrolled they run ~15% faster on CPU than
+        # under nn.scan (no per-layer slicing of stacked weights and saved activations).
         model = ModelConfig(name="small-anchor", vocab_size=32000, hidden_size=256, num_layers=4, num_heads=4,
-                            mlp_dim=1024, max_seq_len=256, **_GLM130B_STYLE)
+                            mlp_dim=1024, max_seq_len=256, **dict(_GLM130B_STYLE, scan_layers=False))
         train = TrainConfig(batch_size=4, seq_len=256)
     elif name == "100m":
         model = ModelConfig(name="100m", vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12,

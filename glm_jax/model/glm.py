@@ -85,12 +85,13 @@ class GLM(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
     def head(self, hidden: jax.Array) -> jax.Array:
-        """Logits ``[b, L, vocab]`` in the compute dtype from final hidden states."""
+        """Float32 logits ``[b, L, vocab]`` from final hidden states (see :func:`vocab_logits`)."""
         dtype = jnp.dtype(self.cfg.dtype)
         if self.cfg.tie_embeddings:
-            logits = jnp.einsum("bld,vd->blv", hidden, self.word_embeddings.astype(dtype))
+            table = self.word_embeddings.astype(dtype)
         else:
-            logits = jnp.einsum("bld,dv->blv", hidden, self.lm_head.astype(dtype))
+            table = self.lm_head.astype(dtype).T
+        logits = vocab_logits(hidden, table)
         return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
 
     def __call__(
@@ -117,6 +118,34 @@ class GLM(nn.Module):
         if return_hidden:
             return x
         return self.head(x)
+
+
+@jax.custom_vjp
+def vocab_logits(hidden: jax.Array, table: jax.Array) -> jax.Array:
+    """``hidden [b, L, d] @ table[vocab, d].T`` accumulated and returned in float32.
+
+    The loss and sampling want float32 logits, so none are rounded to the compute dtype
+    on the way (and XLA's CPU backend runs this vocabulary-wide matmul ~1.4x faster with a
+    float32 result). The backward pass rounds the float32 cotangent to the compute dtype
+    first, as mixed-precision training does anyway, so both backward matmuls stay in
+    bf16 on accelerators instead of being promoted to float32.
+    """
+    return jnp.einsum("bld,vd->blv", hidden, table, preferred_element_type=jnp.float32)
+
+
+def _vocab_logits_fwd(hidden, table):
+    return vocab_logits(hidden, table), (hidden, table)
+
+
+def _vocab_logits_bwd(res, ct):
+    hidden, table = res
+    ct = ct.astype(hidden.dtype)
+    d_hidden = jnp.einsum("blv,vd->bld", ct, table, preferred_element_type=jnp.float32).astype(hidden.dtype)
+    d_table = jnp.einsum("blv,bld->vd", ct, hidden, preferred_element_type=jnp.float32).astype(table.dtype)
+    return d_hidden, d_table
+
+
+vocab_logits.defvjp(_vocab_logits_fwd, _vocab_logits_bwd)
 
 
 def output_embedding(params, cfg: ModelConfig) -> jax.Array:
