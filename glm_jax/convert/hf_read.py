@@ -15,6 +15,7 @@ stays near one block rather than one tensor or one shard:
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import glob
@@ -83,14 +84,16 @@ def weight_files(directory: str) -> tuple[str, list[str]]:
 # Per-format readers.
 
 
-class _File:
-    """Rows of one weight file as tensor views; pages of a mapped file are released after each block."""
+class _File(abc.ABC):
+    """Rows of one weight file as tensor views; pages of a mapped file are released after each block.
+    Each format (.bin, safetensors) says how to view one tensor."""
 
     path: str
     _mapped: dict[str, bool]
 
+    @abc.abstractmethod
     def _tensor(self, key: str):
-        raise NotImplementedError
+        """The whole tensor ``key`` as a torch view (memory-mapped where the format allows)."""
 
     @contextlib.contextmanager
     def block(self, key: str, start: int, stop: int) -> Iterator:
