@@ -201,6 +201,9 @@ class TrainConfig:
     rollback_after: int = 0
     spike_factor: float = 0.0  # 0 = only non-finite steps count as bad
     tensorboard: bool = True  # scalars to workdir/tensorboard (process 0 only)
+    # Compiled programs kept in workdir/compile_cache, so a restarted or resumed run skips
+    # XLA compilation (minutes for large models). JAX_COMPILATION_CACHE_DIR, if set, wins.
+    compile_cache: bool = True
 
     def validate(self) -> None:
         for key in ("checkpoint_every", "eval_every", "rollback_after"):

@@ -46,6 +46,19 @@ def check_batch_sizes(cfg, data_shards: int) -> None:
             )
 
 
+def enable_compile_cache(directory) -> None:
+    """Cache compiled executables under ``directory`` (unless JAX_COMPILATION_CACHE_DIR
+    already names a cache): a resumed run then loads instead of compiling."""
+    import os
+
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m glm_jax.train", description=__doc__.splitlines()[0])
     cli.add_config_args(parser)
@@ -71,6 +84,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from glm_jax.training.state import abstract_state, init_state, make_eval_step, make_train_step, state_shardings
     from glm_jax.training.tensorboard import ScalarWriter
 
+    if cfg.workdir and cfg.train.compile_cache:
+        enable_compile_cache(epath.Path(cfg.workdir) / "compile_cache")
     mesh = distributed.multislice_mesh(cfg.mesh) if distributed.slice_count() > 1 else make_mesh(cfg.mesh)
     sizes = dict(mesh.shape)
     check_batch_sizes(cfg, sizes["data"])

@@ -10,8 +10,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(*args, devices=1):
+def run(*args, devices=1, session_cache=True):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    if not session_cache:  # as a user runs it, without the test session's compilation cache
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -36,7 +38,8 @@ def test_info_chatglm_parameter_count_and_device_sizing():
 
 
 def test_train_runs_a_real_step_and_reports_json(tmp_path):
-    r = run("glm_jax.train", "train.steps=3", "train.log_every=1", f"workdir={tmp_path}", "mesh.data=2", "mesh.model=4", devices=8)
+    r = run("glm_jax.train", "train.steps=3", "train.log_every=1", f"workdir={tmp_path}", "mesh.data=2", "mesh.model=4",
+            devices=8, session_cache=False)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["step"] == 3 and result["mesh"] == {"data": 2, "pipe": 1, "model": 4}
@@ -45,6 +48,7 @@ def test_train_runs_a_real_step_and_reports_json(tmp_path):
     assert "step 3/3" in r.stderr and " mfu " in r.stderr
     assert 0 < result["mfu"] < 1
     assert (tmp_path / "config.yaml").exists()
+    assert len(os.listdir(tmp_path / "compile_cache")) > 0  # a restart loads these instead of compiling
 
 
 @pytest.mark.parametrize(
