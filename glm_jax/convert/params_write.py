@@ -10,6 +10,7 @@ for bit, and writes the ``config.yaml`` that describes the parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable, Iterator, Optional
 
@@ -106,8 +107,12 @@ class KeptWriter:
         self.writer.finish()
 
 
-def write_config(directory: str, cfg: ModelConfig) -> None:
-    """``config.yaml`` for the converted parameters (training defaults, sequence length capped by the model's)."""
-    full = Config(model=cfg, train=TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len)))
+def write_config(directory: str, cfg: ModelConfig, base: Optional[Config] = None) -> None:
+    """``config.yaml`` for the converted parameters: ``base``'s other sections, or training
+    defaults with the sequence length capped by the model's."""
+    if base is not None:
+        full = dataclasses.replace(base, model=cfg)
+    else:
+        full = Config(model=cfg, train=TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len)))
     with open(os.path.join(directory, output.CONFIG), "w") as f:
         f.write(dump_config(full))

@@ -180,5 +180,4 @@ class _Kept:
         rows = (slice(b.row_start, b.row_stop),)
         q = np.asarray(self._array(weight_key)[rows].read().result())
         scale = np.asarray(self._array(scale_key(weight_key))[rows].read().result())
-        same = quant.dequantize(q, scale.astype(np.float16), self.bits).view(np.uint16)
-        return (q, scale) if np.array_equal(same, np.asarray(dense_rows, np.float16).view(np.uint16)) else None
+        return (q, scale) if quant.reproduces(q, scale, dense_rows, self.bits) else None
