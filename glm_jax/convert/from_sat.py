@@ -39,7 +39,7 @@ from glm_jax.convert import output, params_write, quant, sat_layout
 from glm_jax.convert.errors import ConvertError
 from glm_jax.convert.progress import Progress
 from glm_jax.convert.sat_layout import SatEntry
-from glm_jax.convert.sat_read import SatSource
+from glm_jax.convert.sat_read import SatSource, rank_file_name
 from glm_jax.convert.tensors import np_dtype, to_numpy, to_torch
 
 DEFAULT_CONFIG = {"glm-130b": "glm-130b.yaml"}
@@ -88,6 +88,14 @@ def _hint(cfg: ModelConfig, sizes: dict[str, int]) -> str:
     return f"; the checkpoint's shapes say {' '.join(wrong)} (pass them as overrides, or another --config)" if wrong else ""
 
 
+def _missing_ranks(source: SatSource, split: sat_layout.Split, shard: tuple[int, ...], full: tuple[int, ...]) -> str:
+    """A hint when more ranks of the same shard shape would give the config's shape."""
+    for tp in range(source.tp + 1, 4 * source.tp + 1):
+        if split.kind in ("rows", "cols") and split.merged_shape(shard, tp) == tuple(full):
+            return f"; {tp} ranks would match it: is {rank_file_name(source.tp)} missing?"
+    return ""
+
+
 def quantization_bits(source: SatSource, entries: list[SatEntry]) -> int:
     """0 for fp16/fp32 linears, else 8 or 4 (from how wide the int8 weights are)."""
     probe = next(se for se in entries if se.quantizable)
@@ -123,17 +131,17 @@ def check_source(source: SatSource, cfg: ModelConfig, fmt: str, entries: list[Sa
             raise ConvertError(f"{first}: {key} is a quantization scale, but the linears' weights are not int8")
         raise ConvertError(
             f"{first}: unexpected tensor {key} (not part of {sat_layout.DESCRIPTION[fmt]} for the config {where}: "
-            f"{cfg.num_layers} layers, hidden {cfg.hidden_size})"
+            f"{cfg.num_layers} layers, hidden {cfg.hidden_size}){_hint(cfg, sizes)}"
         )
     for key, (se, split, shape, dtypes) in wanted.items():
         if key not in source.keys:
-            raise ConvertError(f"{first}: tensor {key} is missing (the config {where} implies it)")
+            raise ConvertError(f"{first}: tensor {key} is missing (the config {where} implies it){_hint(cfg, sizes)}")
         info = source.info(key)
         merged = split.merged_shape(info.shape, source.tp)
         if merged != tuple(shape):
             raise ConvertError(
                 f"{first}: {key} has shape {list(info.shape)} on each of {source.tp} ranks, {list(merged)} merged, "
-                f"but the config ({where}) implies {list(shape)}{_hint(cfg, sizes)}"
+                f"but the config ({where}) implies {list(shape)}{_missing_ranks(source, split, info.shape, shape) or _hint(cfg, sizes)}"
             )
         why = split.why_not(shape, source.tp)
         if why:
