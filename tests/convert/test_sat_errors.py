@@ -142,3 +142,12 @@ def test_failure_midway_leaves_nothing(tmp_path, converted, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         main(["to-sat", "--src", converted[1], "--dst", str(tmp_path / "out"), "--tp", "2", "--quiet"])
     assert os.listdir(tmp_path) == []
+
+
+def test_original_glm_needs_a_config_of_its_size(capsys, tmp_path):
+    """Without --config an original-GLM checkpoint takes the shipped config of its width and
+    depth; a checkpoint of another size is told to pass one."""
+    cfg = sf.model_config("glm")
+    src = sf.save(str(tmp_path / "sat"), [sf.full_state_dict(cfg, "glm")])
+    err = fails(capsys, tmp_path, "from-sat", "--src", src)
+    assert "hidden size 64 and 2 layers, which no shipped config (glm-large.yaml, glm-10b.yaml) has: pass --config" in err
