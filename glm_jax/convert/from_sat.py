@@ -241,9 +241,13 @@ def convert(
                 if bits and se.quantizable:
                     nbytes = _write_quantized(source, se, b, writer, keeper, bits)
                 else:
-                    with source.rows(se.key, se.split, a, z) as rows:
-                        writer.write(e, b, rows)
-                        nbytes = rows.numel() * rows.element_size() * (source.tp if se.split.kind == "replicated" else 1)
+                    with source.pieces(se.key, se.split, a, z) as parts:
+                        if se.split.kind == "replicated":
+                            source.check_replicated(se.key, parts)
+                            writer.write(e, b, parts[0])
+                        else:
+                            writer.write_pieces(e, b, parts, 0 if se.split.kind == "rows" else 1)
+                        nbytes = sum(p.numel() * p.element_size() for p in parts)
                 bar.update(nbytes)
         writer.finish()
         if keeper:
@@ -276,9 +280,9 @@ def _write_quantized(source: SatSource, se: SatEntry, b: blk.Block, writer: para
     with source.pieces(se.key, se.split, a, b.row_stop) as qs, source.pieces(se.scale_key, se.scale_split, a, b.row_stop) as ss:
         qs = [to_numpy(q) for q in qs]
         ss = [to_numpy(s) for s in ss]
-        dense = np.concatenate([quant.dequantize(q, s.astype(np.float16), bits) for q, s in zip(qs, ss, strict=True)], axis=axis)
+        dense = [to_torch(quant.dequantize(q, s.astype(np.float16), bits)) for q, s in zip(qs, ss, strict=True)]
         keeper.write(se.key, a, np.concatenate(qs, axis=axis))  # (copies: the views die with the block)
         keeper.write(se.scale_key, a, np.stack(ss) if se.split.kind == "cols" else np.concatenate(ss))
         nbytes = sum(x.nbytes for x in qs + ss)
-    writer.write(se.entry, b, to_torch(dense))
+    writer.write_pieces(se.entry, b, dense, axis)
     return nbytes

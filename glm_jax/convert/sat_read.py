@@ -158,7 +158,7 @@ class SatSource:
 
         rows: the pieces in merged order, to join along dimension 0;
         cols / stacked: every rank's rows, to join along dimension 1 / stack;
-        replicated: every rank's copy (they must be equal).
+        replicated: every rank's copy (:meth:`check_replicated` checks they are equal).
         """
         with contextlib.ExitStack() as stack:
             if split.kind == "rows":
@@ -169,18 +169,10 @@ class SatSource:
                 parts = [stack.enter_context(f.block(key, start, stop)) for f in self.ranks]
             yield parts
 
-    @contextlib.contextmanager
-    def rows(self, key: str, split: Split, start: int, stop: int) -> Iterator:
-        """Merged rows ``[start, stop)`` of ``key`` as one torch tensor, valid inside the ``with``."""
+    def check_replicated(self, key: str, parts: list) -> None:
+        """Every rank's copy of a replicated tensor (``pieces`` of it) is the same bytes."""
         import torch
 
-        with self.pieces(key, split, start, stop) as parts:
-            if split.kind == "replicated":
-                for f, p in zip(self.ranks[1:], parts[1:]):
-                    if not torch.equal(p.view(torch.uint8), parts[0].view(torch.uint8)):
-                        raise ConvertError(f"{f.path}: {key} differs from {self.ranks[0].path}'s copy (a replicated tensor must be equal on every rank)")
-                yield parts[0]
-            elif split.kind == "stacked":
-                yield torch.stack(parts)
-            else:
-                yield parts[0] if len(parts) == 1 else torch.cat(parts, dim=0 if split.kind == "rows" else 1)
+        for f, p in zip(self.ranks[1:], parts[1:]):
+            if not torch.equal(p.view(torch.uint8), parts[0].view(torch.uint8)):
+                raise ConvertError(f"{f.path}: {key} differs from {self.ranks[0].path}'s copy (a replicated tensor must be equal on every rank)")
