@@ -116,13 +116,13 @@ def check_source(source: SatSource, cfg: ModelConfig, fmt: str, entries: list[Sa
     """Every implied tensor present on every rank, ranks agreeing, merged shapes as the
     config implies; nothing unexplained. Returns the quantization bits."""
     bits = quantization_bits(source, entries)
-    wanted: dict[str, tuple[SatEntry, sat_layout.Split, tuple[int, ...], tuple[str, ...]]] = {}
+    wanted: dict[str, tuple[sat_layout.Split, tuple[int, ...], tuple[str, ...]]] = {}  # key -> (split, merged shape, dtypes)
     for se in entries:
         if bits and se.quantizable:
-            wanted[se.key] = (se, se.split, se.quantized_shape(bits), ("int8",))
-            wanted[se.scale_key] = (se, se.scale_split, se.merged_scale_shape(source.tp), params_write.DTYPES)
+            wanted[se.key] = (se.split, se.quantized_shape(bits), ("int8",))
+            wanted[se.scale_key] = (se.scale_split, se.merged_scale_shape(source.tp), params_write.DTYPES)
         else:
-            wanted[se.key] = (se, se.split, se.shape, params_write.DTYPES)
+            wanted[se.key] = (se.split, se.shape, params_write.DTYPES)
     first = source.ranks[0].path
     for key in source.keys:
         if key in wanted or sat_layout.is_ignored(key):
@@ -133,7 +133,7 @@ def check_source(source: SatSource, cfg: ModelConfig, fmt: str, entries: list[Sa
             f"{first}: unexpected tensor {key} (not part of {sat_layout.DESCRIPTION[fmt]} for the config {where}: "
             f"{cfg.num_layers} layers, hidden {cfg.hidden_size}){_hint(cfg, sizes)}"
         )
-    for key, (se, split, shape, dtypes) in wanted.items():
+    for key, (split, shape, dtypes) in wanted.items():
         if key not in source.keys:
             raise ConvertError(f"{first}: tensor {key} is missing (the config {where} implies it){_hint(cfg, sizes)}")
         info = source.info(key)

@@ -167,7 +167,7 @@ def convert(
         else:
             merged[se.key] = (se.shape, dense_dtype(se), se.split)
 
-    buffers = {k: v for k, v in record.get("buffers", {}).items()}
+    buffers = dict(record.get("buffers", {}))
     default = [k for se in entries for k in ((se.key, se.scale_key) if bits and se.quantizable else (se.key,))]
     keys = _order(default, record.get("keys", []), set(merged) | set(buffers))
     tensors = []
