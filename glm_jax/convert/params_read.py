@@ -64,21 +64,25 @@ def _read_units(t: layout.Transform, chunks: tuple[int, ...], stacked: bool) -> 
     return t.split[t.block_axis]
 
 
-def authors_blocks(e: layout.Entry, arr, cfg: ModelConfig, dtype: str) -> Iterator[tuple[blk.Block, np.ndarray]]:
-    """``e``'s tensor in the authors' layout, as (block, rows cast to ``dtype``) in row order."""
+def ours_blocks(e: layout.Entry, arr, cfg: ModelConfig) -> Iterator[tuple[blk.Block, object]]:
+    """``e``'s tensor as (block, its box of our layout as a torch tensor), in the authors' row
+    order, a few reads in flight."""
     t = e.transform
     prefix = layout.leaf_index(e, cfg)
-    tdt = torch_dtype(dtype)
     units = _read_units(t, tuple(arr.chunk_layout.read_chunk.shape), bool(prefix))
     pending: collections.deque = collections.deque()
     for b in blk.blocks(t, units):
         pending.append((b, arr[prefix + b.region].read()))
         if len(pending) > READ_AHEAD:
-            yield _finish(*pending.popleft(), t, tdt)
+            b0, future = pending.popleft()
+            yield b0, to_torch(np.asarray(future.result()))
     while pending:
-        yield _finish(*pending.popleft(), t, tdt)
+        b0, future = pending.popleft()
+        yield b0, to_torch(np.asarray(future.result()))
 
 
-def _finish(b: blk.Block, future, t: layout.Transform, tdt) -> tuple[blk.Block, np.ndarray]:
-    box = to_torch(np.asarray(future.result()))
-    return b, to_numpy(blk.ours_to_rows(t, b, box).to(tdt))
+def authors_blocks(e: layout.Entry, arr, cfg: ModelConfig, dtype: str) -> Iterator[tuple[blk.Block, np.ndarray]]:
+    """``e``'s tensor in the authors' layout, as (block, rows cast to ``dtype``) in row order."""
+    tdt = torch_dtype(dtype)
+    for b, box in ours_blocks(e, arr, cfg):
+        yield b, to_numpy(blk.ours_to_rows(e.transform, b, box).to(tdt))

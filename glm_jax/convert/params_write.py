@@ -11,7 +11,6 @@ for bit, and writes the ``config.yaml`` that describes the parameters.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Callable, Iterator, Optional
 
@@ -81,26 +80,21 @@ class ParamWriter:
 
     def write_pieces(self, e: layout.Entry, b: blk.Block, pieces: list, dim: int) -> None:
         """Like :meth:`write` for rows given as ``pieces`` that join along the authors'
-        dimension ``dim`` (0 or 1), each a whole number of the transform's units along it
-        (a tensor-parallel rank's share): every piece is permuted straight into its part of
-        our box, so the joined rows never exist."""
+        dimension ``dim`` (0 or 1), each one tensor-parallel rank's share
+        (``blocks.piece_split``): every piece is permuted straight into its part of our
+        box, so the joined rows never exist."""
         if len(pieces) == 1:
             return self.write(e, b, pieces[0])
         import torch
 
         t = e.transform
-        axis = t.block_axis if dim == 0 else t.lead  # the split axis the joined dimension runs along
-        per_unit = math.prod(b.split[axis + 1:t.lead]) if dim == 0 else math.prod(t.split[t.lead + 1:])
+        axis = t.perm.index(blk.joined_axis(t, dim))
         out = torch.empty(tuple(b.split[p] for p in t.perm), dtype=torch_dtype(self.dtypes[e.path].name))
         at = 0
         for piece in pieces:
-            n, rest = divmod(piece.shape[dim], per_unit)
-            assert not rest, (e.key, piece.shape, dim, per_unit)
-            shape = list(b.split)
-            shape[axis] = n
-            out.narrow(t.perm.index(axis), at, n).copy_(piece.reshape(shape).permute(t.perm))
+            split, n = blk.piece_split(t, b, piece, dim)
+            out.narrow(axis, at, n).copy_(blk.permuted(split, t.perm))
             at += n
-        assert at == b.split[axis], (e.key, at, b.split)
         self.writer.write(self.arrays[e.path], layout.leaf_index(e, self.cfg) + b.region, to_numpy(out))
 
     def finish(self) -> None:

@@ -16,10 +16,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from glm_jax.convert.blocks import Block, joined_axis, permuted, piece_split
 from glm_jax.convert.hf_write import BinWriter, OutTensor
+from glm_jax.convert.layout import Transform
 from glm_jax.convert.sat_layout import Split
 from glm_jax.convert.sat_read import rank_file_name
-from glm_jax.convert.tensors import np_dtype
+from glm_jax.convert.tensors import np_dtype, to_torch
 
 
 class RankWriters:
@@ -66,25 +68,39 @@ class Shards:
             del self.bufs[r]
 
     def add(self, start: int, rows: np.ndarray) -> None:
-        """Merged rows ``[start, start + len(rows))`` (whole merged rows; ``rows`` split kinds:
-        those rows of the merged tensor; ``cols``: every rank's columns of them)."""
-        stop = start + rows.shape[0]
+        """Merged rows ``[start, start + len(rows))`` of a tensor split by rows, as an array."""
+        if self.split.kind != "rows":
+            raise ValueError(f"{self.key}: add() shares out rows; a {self.split.kind} tensor takes add_box() or put()")
+        stop, at = start + rows.shape[0], 0
+        for r, a, b in self.split.row_pieces(self.merged_rows, self.writers.tp, start, stop):
+            self._buf(r)[a:b] = rows[at:at + b - a]
+            at += b - a
+            self._filled(r, b - a)
+
+    def add_box(self, t: Transform, b: Block, box) -> None:
+        """Block ``b`` given as its box of our layout (a torch tensor): each rank's share is
+        permuted straight into that rank's buffer (``blocks.piece_split``)."""
+        start, stop = b.row_start, b.row_stop
+        back = t.inverse_perm
         if self.replicated:
-            self._buf(0)[start:stop] = rows
+            split, _ = piece_split(t, b, to_torch(self._buf(0)[start:stop]), 0)
+            split.copy_(permuted(box, back))
             self._filled(0, stop - start)
         elif self.split.kind == "rows":
-            at = 0
-            for r, a, b in self.split.row_pieces(self.merged_rows, self.writers.tp, start, stop):
-                self._buf(r)[a:b] = rows[at:at + b - a]
-                at += b - a
-                self._filled(r, b - a)
+            axis, at = t.perm.index(joined_axis(t, 0)), 0
+            for r, lo, hi in self.split.row_pieces(self.merged_rows, self.writers.tp, start, stop):
+                split, n = piece_split(t, b, to_torch(self._buf(r)[lo:hi]), 0)
+                split.copy_(permuted(box.narrow(axis, at, n), back))
+                at += n
+                self._filled(r, hi - lo)
         elif self.split.kind == "cols":
-            width = self.shape[1]
+            axis = t.perm.index(joined_axis(t, 1))
             for r in range(self.writers.tp):
-                self._buf(r)[start:stop] = rows[:, r * width:(r + 1) * width]
+                split, n = piece_split(t, b, to_torch(self._buf(r)[start:stop]), 1)
+                split.copy_(permuted(box.narrow(axis, r * n, n), back))
                 self._filled(r, stop - start)
         else:
-            raise ValueError(f"{self.key}: add() takes whole merged rows; use put() for {self.split.kind}")
+            raise ValueError(f"{self.key}: add_box() takes whole merged rows, not a {self.split.kind} tensor")
 
     def put(self, r: int, start: int, rows: np.ndarray) -> None:
         """Rows ``[start, ...)`` of rank ``r``'s shard itself."""

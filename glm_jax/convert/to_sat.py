@@ -209,9 +209,9 @@ def convert(
                 else:
                     shape, dt, split = merged[k]
                     shards = Shards(writers, k, split, shape, dt)
-                    for b, rows in params_read.authors_blocks(se.entry, arrays[se.entry.path], cfg, dt):
-                        shards.add(b.row_start, rows)
-                        bar.update(rows.nbytes * (tp if split.kind == "replicated" else 1))
+                    for b, box in params_read.ours_blocks(se.entry, arrays[se.entry.path], cfg):
+                        shards.add_box(se.entry.transform, b, box)
+                        bar.update(box.numel() * np_dtype(dt).itemsize * (tp if split.kind == "replicated" else 1))
                     shards.done()
         writers.close()
         seconds = bar.close()
