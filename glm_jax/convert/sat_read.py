@@ -74,9 +74,11 @@ def read_tracker(directory: str) -> tuple[str, dict[str, str]]:
             with open(path) as f:
                 texts[name] = f.read()
     if not texts:
+        here = any(_RANK_FILE.fullmatch(n) for n in os.listdir(directory))
         raise ConvertError(
             f"{directory}: no 'latest' file (nor latest_checkpointed_iteration.txt) naming the iteration; a SAT "
             "checkpoint is DIR/latest plus DIR/<iteration>/mp_rank_XX_model_states.pt"
+            + ("; this directory holds the rank files itself: pass its parent, with a 'latest' naming it" if here else "")
         )
     name, text = next(iter(texts.items()))
     iteration = text.strip()

@@ -104,6 +104,41 @@ def _trackers(fmt: str, record: dict, iteration: Optional[str]) -> tuple[str, di
     return it, {n: it for n in names}
 
 
+def _plan(entries: list[SatEntry], tp: int, bits: int, quantize: Optional[int], kept: Optional[KeptScales],
+          dense_dtype) -> tuple[dict, dict]:
+    """Check that every tensor splits ``tp`` ways (and that kept INT8/INT4 tensors can be
+    reused, unless requantizing was asked for). Returns ({key: (merged shape, dtype,
+    split)}, {row-parallel linear key: the source scales each new rank takes, or None})."""
+    merged: dict[str, tuple[tuple[int, ...], str, sat_layout.Split]] = {}  # key -> (merged shape, dtype, split)
+    groups: dict[str, Optional[list[int]]] = {}
+    for se in entries:
+        why = se.split.why_not(se.shape, tp)
+        if bits and se.quantizable and not why and se.split.why_not(se.quantized_shape(bits), tp):
+            why = (f"INT4 packs two input columns per byte, so each rank's {se.shape[1] // tp} columns must be "
+                   "an even number")
+        if why:
+            raise ConvertError(f"to-sat --tp {tp}: {se.key} {list(se.shape)} cannot be split {tp} ways: {why}")
+        if bits and se.quantizable:
+            scale_dtype = "float16"
+            if kept and kept.has(se.key):
+                scale_dtype = params_read.stored_dtype(kept.array(se.scale_key))
+                if se.split.kind == "cols":
+                    groups[se.key] = kept.rank_groups(se, tp)
+                    if groups[se.key] is None and quantize is None:
+                        g = kept.array(se.scale_key).shape[0]
+                        raise ConvertError(
+                            f"to-sat --tp {tp}: {se.key} holds INT{bits} weights quantized over the columns of {g} "
+                            f"source ranks, each with its own scales, and {tp} ranks would have to share different "
+                            f"scales; use --tp {g} (or a multiple), --quantize {bits} to requantize those weights "
+                            "(lossy), or --quantize 0 for fp16"
+                        )
+            merged[se.key] = (se.quantized_shape(bits), "int8", se.split)
+            merged[se.scale_key] = ((tp, se.shape[0]) if se.split.kind == "cols" else (se.shape[0],), scale_dtype, se.scale_split)
+        else:
+            merged[se.key] = (se.shape, dense_dtype(se), se.split)
+    return merged, groups
+
+
 def convert(
     src: str,
     dst: str,
@@ -139,34 +174,7 @@ def convert(
             return "float16"  # what is quantized, and what the runtime dequantizes to
         return dtype or params_read.stored_dtype(arrays[se.entry.path])
 
-    merged: dict[str, tuple[tuple[int, ...], str, sat_layout.Split]] = {}  # key -> (merged shape, dtype, split)
-    groups: dict[str, Optional[list[int]]] = {}
-    for se in entries:
-        why = se.split.why_not(se.shape, tp)
-        if bits and se.quantizable and not why and se.split.why_not(se.quantized_shape(bits), tp):
-            why = (f"INT4 packs two input columns per byte, so each rank's {se.shape[1] // tp} columns must be "
-                   "an even number")
-        if why:
-            raise ConvertError(f"to-sat --tp {tp}: {se.key} {list(se.shape)} cannot be split {tp} ways: {why}")
-        if bits and se.quantizable:
-            scale_dtype = "float16"
-            if kept and kept.has(se.key):
-                scale_dtype = params_read.stored_dtype(kept.array(se.scale_key))
-                if se.split.kind == "cols":
-                    groups[se.key] = kept.rank_groups(se, tp)
-                    if groups[se.key] is None and quantize is None:
-                        g = kept.array(se.scale_key).shape[0]
-                        raise ConvertError(
-                            f"to-sat --tp {tp}: {se.key} holds INT{bits} weights quantized over the columns of {g} "
-                            f"source ranks, each with its own scales, and {tp} ranks would have to share different "
-                            f"scales; use --tp {g} (or a multiple), --quantize {bits} to requantize those weights "
-                            "(lossy), or --quantize 0 for fp16"
-                        )
-            merged[se.key] = (se.quantized_shape(bits), "int8", se.split)
-            merged[se.scale_key] = ((tp, se.shape[0]) if se.split.kind == "cols" else (se.shape[0],), scale_dtype, se.scale_split)
-        else:
-            merged[se.key] = (se.shape, dense_dtype(se), se.split)
-
+    merged, groups = _plan(entries, tp, bits, quantize, kept, dense_dtype)
     buffers = dict(record.get("buffers", {}))
     default = [k for se in entries for k in ((se.key, se.scale_key) if bits and se.quantizable else (se.key,))]
     keys = _order(default, record.get("keys", []), set(merged) | set(buffers))
