@@ -1,4 +1,4 @@
-"""``python -m glm_jax.convert {from-hf,to-hf} --src DIR --dst DIR [...]``.
+"""``python -m glm_jax.convert {from-hf,to-hf,from-sat,to-sat} --src DIR --dst DIR [...]``.
 
 Bad input (a missing file, a tensor that disagrees with config.json, an existing
 destination) is one line on stderr and exit code 2, never a traceback.
@@ -50,6 +50,38 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-shard-size", type=parse_size, default="2GB", help="split into shards with an index above this (default: 2GB)")
     t.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     t.add_argument("--quiet", action="store_true", help="no progress line")
+
+    fs = sub.add_parser("from-sat", help="tensor-parallel SAT checkpoint (GLM-130B or the original GLM) -> glm_jax checkpoint",
+                        description="Merge a SAT checkpoint (DIR/latest + DIR/<iter>/mp_rank_XX_model_states.pt, any "
+                                    "tensor-parallel degree, fp16/fp32 or INT8/INT4) into a glm_jax checkpoint. The "
+                                    "architecture comes from --config and key=value overrides; every tensor is checked "
+                                    "against it.")
+    fs.add_argument("--src", required=True, help="SAT checkpoint directory (with latest or latest_checkpointed_iteration.txt)")
+    fs.add_argument("--dst", required=True, help="output directory (config.yaml, params/, sat_source.json)")
+    fs.add_argument("--config", default=None,
+                    help="glm_jax config of the architecture (default: configs/glm-130b.yaml for GLM-130B's layout; for the "
+                         "original GLM's, the shipped glm-large/glm-10b config of the checkpoint's width and depth)")
+    fs.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.num_layers=2")
+    fs.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="cast every tensor (default: keep the source dtypes)")
+    fs.add_argument("--no-scan-layers", dest="scan_layers", action="store_const", const=False, default=None,
+                    help="one parameter subtree per layer (default: the config's model.scan_layers)")
+    fs.add_argument("--no-compression", dest="compression", action="store_false", help="store chunks uncompressed")
+    fs.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    fs.add_argument("--quiet", action="store_true", help="no progress line")
+
+    ts = sub.add_parser("to-sat", help="glm_jax checkpoint -> tensor-parallel SAT checkpoint",
+                        description="Split a glm_jax checkpoint into a SAT checkpoint of --tp ranks: GLM-130B's layout, or "
+                                    "the original GLM's for models with learned positions.")
+    ts.add_argument("--src", required=True, help="glm_jax checkpoint directory (config.yaml and params/)")
+    ts.add_argument("--dst", required=True, help="output directory (latest, <iteration>/mp_rank_XX_model_states.pt)")
+    ts.add_argument("--tp", type=int, required=True, help="tensor-parallel degree: the number of rank files")
+    ts.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="cast every tensor (default: as stored)")
+    ts.add_argument("--quantize", type=int, choices=(0, 4, 8), default=None,
+                    help="write the layers' linears as INT8/INT4 weight + weight_scale, quantized per rank (0: dense); "
+                         "default: as the from-sat source, with its own quantized tensors")
+    ts.add_argument("--iteration", default=None, help="the iteration directory name (default: the source's, else 1)")
+    ts.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    ts.add_argument("--quiet", action="store_true", help="no progress line")
     return p
 
 
@@ -62,12 +94,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             out = from_hf.convert(args.src, args.dst, dtype=args.dtype, scan_layers=args.scan_layers,
                                   compression=args.compression, overwrite=args.overwrite, progress=not args.quiet)
-        else:
+        elif args.command == "to-hf":
             from glm_jax.convert import to_hf
 
             out = to_hf.convert(args.src, args.dst, dtype=args.dtype, fmt=args.fmt, quantize=args.quantize,
                                 max_shard_bytes=args.max_shard_size,
                                 overwrite=args.overwrite, progress=not args.quiet)
+        elif args.command == "from-sat":
+            from glm_jax.convert import from_sat
+
+            out = from_sat.convert(args.src, args.dst, config=args.config, overrides=args.overrides, dtype=args.dtype,
+                                   scan_layers=args.scan_layers, compression=args.compression,
+                                   overwrite=args.overwrite, progress=not args.quiet)
+        else:
+            from glm_jax.convert import to_sat
+
+            out = to_sat.convert(args.src, args.dst, tp=args.tp, dtype=args.dtype, quantize=args.quantize,
+                                 iteration=args.iteration, overwrite=args.overwrite, progress=not args.quiet)
     except (ConvertError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,15 +26,14 @@ from typing import Optional
 
 import numpy as np
 
-from glm_jax.config import Config, TrainConfig, dump_config
 from glm_jax.convert import blocks as blk
-from glm_jax.convert import hf_config, layout, output, quant, store
+from glm_jax.convert import hf_config, layout, output, params_write, quant
 from glm_jax.convert.errors import ConvertError
 from glm_jax.convert.hf_read import HFSource
 from glm_jax.convert.progress import Progress
-from glm_jax.convert.tensors import np_dtype, to_numpy, to_torch, torch_dtype
+from glm_jax.convert.tensors import np_dtype, to_numpy, to_torch
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = params_write.DTYPES
 
 
 def _is_inv_freq(key: str) -> bool:
@@ -79,21 +78,6 @@ def check_source(source: HFSource, cfg, entries: list[layout.Entry], bits: int =
         )
 
 
-def _leaf_dtypes(source: HFSource, entries: list[layout.Entry], dtype: Optional[str], bits: int) -> dict[tuple[str, ...], np.dtype]:
-    out: dict[tuple[str, ...], np.dtype] = {}
-    for e in entries:
-        stored = "float16" if bits and quant.is_quantized_linear(e.key) else source.infos[e.key].dtype
-        d = np_dtype(dtype or stored)
-        out[e.path] = d if e.path not in out else np.promote_types(out[e.path], d)
-    return out
-
-
-def _weights_dtype(dtypes: dict[tuple[str, ...], np.dtype]) -> str:
-    """The dtype most of the bytes are in (the embedding's): model.param_dtype of the output."""
-    name = np.dtype(dtypes[("word_embeddings",)]).name
-    return name if name in DTYPES else "float32"
-
-
 def _source_record(source: HFSource, hf: dict, bits: int) -> dict:
     inv = [i for k, i in source.infos.items() if _is_inv_freq(k)]
     return {
@@ -104,27 +88,6 @@ def _source_record(source: HFSource, hf: dict, bits: int) -> dict:
         "rotary_inv_freq_dtype": inv[0].dtype if inv else None,
         "quantization_bit": bits,
     }
-
-
-class _QuantizedKeeper:
-    """The source's own int8 ``weight`` / fp16 ``weight_scale`` tensors, stored unchanged
-    (authors' layout, one leaf per key) in ``quantized/`` for to-hf."""
-
-    def __init__(self, directory: str, source: HFSource, entries: list[layout.Entry], units: dict):
-        self.writer = store.CheckpointWriter(directory)
-        self.arrays = {}
-        for e in entries:
-            if not quant.is_quantized_linear(e.key):
-                continue
-            rows = blk.blocks(e.transform, units[e.path])
-            step = max(b.row_stop - b.row_start for b in rows)
-            for key in (e.key, scale_key(e.key)):
-                info = source.infos[key]
-                chunks = (step,) + tuple(info.shape[1:])
-                self.arrays[key] = self.writer.create((key,), info.shape, np_dtype(info.dtype), chunks)
-
-    def write(self, key: str, start: int, value: np.ndarray) -> None:
-        self.writer.write(self.arrays[key], (slice(start, start + value.shape[0]),), value)
 
 
 def convert(
@@ -139,8 +102,7 @@ def convert(
     progress: bool = True,
 ) -> dict:
     """Convert; returns a summary (bytes, seconds, config)."""
-    if dtype is not None and dtype not in DTYPES:
-        raise ConvertError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    params_write.check_dtype(dtype)
     if not os.path.isdir(src):
         raise ConvertError(f"{src} is not a directory")
     hf = hf_config.read_config_json(src)
@@ -150,8 +112,9 @@ def convert(
     source = HFSource(src)
     entries = layout.entries(cfg)
     check_source(source, cfg, entries, bits)
-    dtypes = _leaf_dtypes(source, entries, dtype, bits)
-    cfg = dataclasses.replace(cfg, param_dtype=_weights_dtype(dtypes), dtype="float32")
+    dtypes = params_write.leaf_dtypes(
+        entries, lambda e: "float16" if bits and quant.is_quantized_linear(e.key) else source.infos[e.key].dtype, dtype)
+    cfg = dataclasses.replace(cfg, param_dtype=params_write.weights_dtype(dtypes), dtype="float32")
     total = sum(info.nbytes for k, info in source.infos.items() if not _is_inv_freq(k))
 
     by_file: dict[str, list[layout.Entry]] = {}
@@ -160,26 +123,23 @@ def convert(
     order = {k: i for i, k in enumerate(source.infos)}
 
     with output.staged_output(dst, overwrite=overwrite) as tmp:
-        writer = store.CheckpointWriter(os.path.join(tmp, output.PARAMS), compression=compression)
-        arrays, units = {}, {}
-        for path, shape in layout.leaf_shapes(cfg).items():
-            e = next(x for x in entries if x.path == path)
-            units[path] = blk.block_units(e.transform, dtypes[path].itemsize, block_bytes)
-            chunks = blk.chunk_shape(e.transform, units[path])
-            if len(shape) > len(chunks):  # stacked: one layer per chunk
-                chunks = (1,) + chunks
-            arrays[path] = writer.create(path, shape, dtypes[path], chunks)
-        keeper = _QuantizedKeeper(os.path.join(tmp, output.QUANTIZED), source, entries, units) if bits else None
+        writer = params_write.ParamWriter(os.path.join(tmp, output.PARAMS), cfg, entries, dtypes,
+                                          block_bytes=block_bytes, compression=compression)
+        keeper = params_write.KeptWriter(os.path.join(tmp, output.QUANTIZED)) if bits else None
+        if keeper:
+            for e in entries:
+                if quant.is_quantized_linear(e.key):
+                    for key in (e.key, scale_key(e.key)):
+                        info = source.infos[key]
+                        keeper.add(key, info.shape, np_dtype(info.dtype), writer.block_rows(e))
         scales = _read_scales(source, entries) if bits else {}
 
         bar = Progress(total, "from-hf", enabled=progress)
         for file in source.files:
             with source.open(file) as reader:
                 for e in sorted(by_file.get(file, []), key=lambda x: order[x.key]):
-                    t, tdt = e.transform, torch_dtype(dtypes[e.path].name)
-                    prefix = layout.leaf_index(e, cfg)
                     quantized = bits and quant.is_quantized_linear(e.key)
-                    for b in blk.blocks(t, units[e.path]):
+                    for b in writer.blocks(e):
                         with reader.block(e.key, b.row_start, b.row_stop) as rows:
                             nbytes = rows.numel() * rows.element_size()
                             if quantized:
@@ -189,20 +149,14 @@ def convert(
                                 keeper.write(scale_key(e.key), b.row_start, scale)
                                 nbytes += scale.nbytes
                                 rows = to_torch(quant.dequantize(packed, scale.astype(np.float16), bits))
-                            box = blk.rows_to_ours(t, b, rows.to(tdt))
-                            if box.data_ptr() == rows.data_ptr():  # no copy was made: the view dies with the block
-                                box = box.clone()
-                        writer.write(arrays[e.path], prefix + b.region, to_numpy(box))
+                            writer.write(e, b, rows)
                         bar.update(nbytes)
         writer.finish()
         if keeper:
-            keeper.writer.finish()
+            keeper.finish()
         seconds = bar.close()
 
-        seq_len = min(TrainConfig.seq_len, cfg.max_seq_len)
-        full = Config(model=cfg, train=TrainConfig(seq_len=seq_len))
-        with open(os.path.join(tmp, output.CONFIG), "w") as f:
-            f.write(dump_config(full))
+        params_write.write_config(tmp, cfg)
         with open(os.path.join(tmp, output.HF_SOURCE), "w") as f:
             json.dump(_source_record(source, hf, bits), f, indent=1)
     return {"bytes": total, "seconds": seconds, "config": cfg}

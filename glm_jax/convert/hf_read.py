@@ -6,28 +6,26 @@ dtypes; :meth:`HFSource.open` then hands out rows on demand, so the converter's 
 stays near one block rather than one tensor or one shard:
 
 - ``.bin`` shards are opened with ``torch.load(mmap=True, weights_only=True)`` (no code
-  from the pickle runs); each block is a view of the mapping whose pages are handed
-  back when the block is done (``glm_jax.convert.memory.release``), so a 2 GB shard
-  never becomes 2 GB of RSS.
+  from the pickle runs; ``glm_jax.convert.mapped``); each block is a view of the mapping
+  whose pages are handed back when the block is done, so a 2 GB shard never becomes
+  2 GB of RSS.
 - ``.safetensors`` files are read with ``safe_open(framework="pt")``, whose tensors are
   views of a mapping of the file too, and are released the same way.
 """
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import dataclasses
 import glob
 import json
 import os
-import pickle
 from typing import Iterator, Optional
 
 import numpy as np
 
-from glm_jax.convert import memory
 from glm_jax.convert.errors import ConvertError
+from glm_jax.convert.mapped import MappedFile, torch_load
 from glm_jax.convert.tensors import dtype_name, np_dtype
 
 _SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "BF16": "bfloat16", "I8": "int8",
@@ -84,54 +82,14 @@ def weight_files(directory: str) -> tuple[str, list[str]]:
 # Per-format readers.
 
 
-class _File(abc.ABC):
-    """Rows of one weight file as tensor views; pages of a mapped file are released after each block.
-    Each format (.bin, safetensors) says how to view one tensor."""
-
-    path: str
-    _mapped: dict[str, bool]
-
-    @abc.abstractmethod
-    def _tensor(self, key: str):
-        """The whole tensor ``key`` as a torch view (memory-mapped where the format allows)."""
-
-    @contextlib.contextmanager
-    def block(self, key: str, start: int, stop: int) -> Iterator:
-        """Rows ``[start, stop)``; valid only inside the ``with`` (it may view a mapping)."""
-        t = self._tensor(key)
-        part = t[start:stop] if t.dim() else t
-        try:
-            yield part
-        finally:
-            if key not in self._mapped:
-                self._mapped[key] = t.numel() > 0 and t.is_contiguous() and memory.maps_file(t.data_ptr(), self.path)
-            if self._mapped[key] and part.is_contiguous():
-                memory.release(part.data_ptr(), part.numel() * part.element_size())
-
-
-class _BinFile(_File):
+class _BinFile(MappedFile):
     """A ``.bin`` shard: a state dict of tensors backed by a private, read-only mapping."""
 
     def __init__(self, path: str):
         import torch
 
         self.path, self._mapped = path, {}
-        try:
-            try:
-                obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                # Legacy (pre-zip) serialization cannot be mapped: read it whole.
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise ConvertError(
-                f"{path}: cannot be read by torch.load: not a torch checkpoint, or it holds objects other than "
-                "tensors (weights_only loading refuses those)"
-            ) from None
-        except Exception as e:  # a torn or truncated file
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise ConvertError(f"{path}: cannot be read by torch.load ({type(e).__name__}: {first[:200]})") from None
+        obj = torch_load(path)
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise ConvertError(f"{path}: expected a state dict of tensors (key -> tensor)")
         self.tensors = obj
@@ -146,7 +104,7 @@ class _BinFile(_File):
         self.tensors = {}
 
 
-class _SafetensorsFile(_File):
+class _SafetensorsFile(MappedFile):
     """A ``.safetensors`` file through ``safe_open`` (torch views of a mapping of the file)."""
 
     def __init__(self, path: str):

@@ -22,7 +22,7 @@ import json
 import pickle
 import struct
 import sys
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -81,38 +81,68 @@ class _Pickler(pickle.Pickler):
         return None
 
 
+class BinWriter:
+    """A ``torch.save``-compatible file: the pickle of every tensor's placeholder first, then
+    :meth:`write` each tensor's storage record (in any order), then :meth:`close`.
+
+    ``wrap`` builds the pickled object around the state dict (e.g. SAT's
+    ``{"module": state_dict, ...}``); by default the state dict itself is saved.
+    """
+
+    def __init__(self, path: str, tensors: Sequence[OutTensor], wrap: Optional[Callable[[dict], Any]] = None):
+        import torch
+        from torch.serialization import _open_zipfile_writer
+
+        state = {}
+        self._storages: dict[str, tuple[OutTensor, _Storage]] = {}
+        for i, t in enumerate(tensors):
+            s = _Storage(str(i), t.dtype, int(np.prod(t.shape, dtype=np.int64)))
+            self._storages[t.key] = (t, s)
+            state[t.key] = _Tensor(s, t.shape)
+        buf = io.BytesIO()
+        _Pickler(buf, protocol=2).dump(wrap(state) if wrap else state)
+        data = buf.getvalue()
+        self._cm = _open_zipfile_writer(path)
+        self._zf = self._cm.__enter__()
+        self._zf.write_record("data.pkl", data, len(data))
+        self._zf.write_record(".format_version", "1", 1)
+        alignment = str(torch.serialization._get_storage_alignment())
+        self._zf.write_record(".storage_alignment", alignment, len(alignment))
+        self._zf.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        self._written: set[str] = set()
+
+    def write(self, key: str, value: np.ndarray) -> None:
+        """The whole tensor ``key`` (its shape and dtype as declared)."""
+        t, s = self._storages[key]
+        value = np.require(value, requirements="C")  # (ascontiguousarray would make a 0-d array 1-d)
+        if value.shape != t.shape or value.dtype != np_dtype(t.dtype):
+            raise AssertionError(f"{key}: got {value.dtype}{list(value.shape)}, declared {t.dtype}{list(t.shape)}")
+        self._zf.write_record(f"data/{s.key}", _as_storage(value), value.nbytes)
+        self._written.add(key)
+
+    def close(self) -> None:
+        missing = [k for k in self._storages if k not in self._written]
+        if missing:
+            raise AssertionError(f"tensors never written: {missing[:3]}")
+        self._cm.__exit__(None, None, None)
+
+
 def write_bin(path: str, tensors: Sequence[OutTensor], rows: RowsFn) -> None:
     """A ``torch.save``-compatible state dict file, materialising one tensor at a time."""
-    import torch
-    from torch.serialization import _open_zipfile_writer
-
-    state = {}
-    storages = []
-    for i, t in enumerate(tensors):
-        s = _Storage(str(i), t.dtype, int(np.prod(t.shape, dtype=np.int64)))
-        storages.append((t, s))
-        state[t.key] = _Tensor(s, t.shape)
-    buf = io.BytesIO()
-    _Pickler(buf, protocol=2).dump(state)
-    data = buf.getvalue()
-    with _open_zipfile_writer(path) as zf:
-        zf.write_record("data.pkl", data, len(data))
-        zf.write_record(".format_version", "1", 1)
-        alignment = str(torch.serialization._get_storage_alignment())
-        zf.write_record(".storage_alignment", alignment, len(alignment))
-        zf.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-        for t, s in storages:
-            whole = np.empty(t.shape, np_dtype(t.dtype))
-            flat = whole.reshape((whole.shape[0] if whole.ndim else 1, -1))
-            r = 0
-            for part in rows(t.key):
-                n = part.shape[0] if part.ndim else 1
-                flat[r:r + n] = part.reshape(n, -1)
-                r += n
-            if r != flat.shape[0]:
-                raise AssertionError(f"{t.key}: {r} rows written, {flat.shape[0]} expected")
-            zf.write_record(f"data/{s.key}", _as_storage(whole), whole.nbytes)
-            del whole, flat
+    out = BinWriter(path, tensors)
+    for t in tensors:
+        whole = np.empty(t.shape, np_dtype(t.dtype))
+        flat = whole.reshape((whole.shape[0] if whole.ndim else 1, -1))
+        r = 0
+        for part in rows(t.key):
+            n = part.shape[0] if part.ndim else 1
+            flat[r:r + n] = part.reshape(n, -1)
+            r += n
+        if r != flat.shape[0]:
+            raise AssertionError(f"{t.key}: {r} rows written, {flat.shape[0]} expected")
+        out.write(t.key, whole)
+        del whole, flat
+    out.close()
 
 
 def _as_storage(a: np.ndarray):

@@ -2,7 +2,8 @@
 
 The authors (GLM-130B's SAT code, ChatGLM-6B's Hugging Face code) store torch ``Linear``
 weights as ``[out, in]`` with the fused QKV rows interleaved per head (row
-``n*3*hd + c*hd + d`` is head n, component c in q|k|v, dim d; GLM_SPEC §1.3, §2.4).
+``n*3*hd + c*hd + d`` is head n, component c in q|k|v, dim d; GLM_SPEC §1.3, §2.4); the
+original GLM blocks them instead (row ``c*h + n*hd + d``, GLM_SPEC §3.1).
 glm_jax stores ``[in, out]`` kernels with the structure made explicit
 (``qkv_kernel [embed, 3, heads, head_dim]``, ``out_kernel [heads, head_dim, embed]``,
 GeGLU ``wi_kernel [embed, 2, mlp]``) and, with ``scan_layers``, every per-layer leaf
@@ -90,17 +91,39 @@ class Entry:
         return "layernorm" in self.key
 
 
-def _layer_transforms(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], Transform]]:
+QKV_LAYOUTS = ("interleaved", "blocked")
+
+
+def _qkv_transforms(cfg: ModelConfig, qkv: str) -> tuple[Transform, Transform]:
+    """(weight, bias) of the fused QKV.
+
+    interleaved (GLM-130B, ChatGLM-6B): rows (head, q|k|v, dim); blocks are runs of heads.
+    blocked (the original GLM, GLM_SPEC §3.1): rows (q|k|v, head, dim) -- all Q rows, then
+    all K, then all V; blocks are runs of heads within one of the three.
+    """
+    h, nh, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    if qkv == "interleaved":
+        # rows (head, q|k|v, dim) x in -> [in, q|k|v, head, dim]
+        return (Transform((3 * h, h), (nh, 3, hd, h), (3, 1, 0, 2), lead=3),
+                Transform((3 * h,), (nh, 3, hd), (1, 0, 2), lead=3))
+    if qkv == "blocked":
+        # rows (q|k|v, head, dim) x in -> [in, q|k|v, head, dim]
+        return (Transform((3 * h, h), (3, nh, hd, h), (3, 0, 1, 2), lead=3, block_axis=1),
+                Transform((3 * h,), (3, nh, hd), (0, 1, 2), lead=3, block_axis=1))
+    raise ValueError(f"qkv layout {qkv!r}: expected one of {QKV_LAYOUTS}")
+
+
+def _layer_transforms(cfg: ModelConfig, qkv: str = "interleaved") -> list[tuple[str, tuple[str, ...], Transform]]:
     """(authors' name within ``transformer.layers.N.``, our path within a block, transform)."""
     h, nh, hd, f = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+    qkv_weight, qkv_bias = _qkv_transforms(cfg, qkv)
     out: list[tuple[str, tuple[str, ...], Transform]] = [
         ("input_layernorm.weight", ("input_layernorm", "scale"), _identity(h)),
         ("input_layernorm.bias", ("input_layernorm", "bias"), _identity(h)),
-        # rows (head, q|k|v, dim) x in -> [in, q|k|v, head, dim]
-        ("attention.query_key_value.weight", ("attention", "qkv_kernel"), Transform((3 * h, h), (nh, 3, hd, h), (3, 1, 0, 2), lead=3)),
+        ("attention.query_key_value.weight", ("attention", "qkv_kernel"), qkv_weight),
     ]
     if cfg.use_bias:
-        out.append(("attention.query_key_value.bias", ("attention", "qkv_bias"), Transform((3 * h,), (nh, 3, hd), (1, 0, 2), lead=3)))
+        out.append(("attention.query_key_value.bias", ("attention", "qkv_bias"), qkv_bias))
     # [out, head*dim] -> [head, dim, out]
     out.append(("attention.dense.weight", ("attention", "out_kernel"), Transform((h, nh * hd), (h, nh, hd), (1, 2, 0))))
     if cfg.use_bias:
@@ -129,15 +152,19 @@ def layer_prefix(cfg: ModelConfig, i: int) -> tuple[str, ...]:
     return ("layers", "block") if cfg.scan_layers else (f"layers_{i}",)
 
 
-def entries(cfg: ModelConfig) -> list[Entry]:
-    """Every authors' tensor of ``cfg``, in the authors' state-dict order."""
+def entries(cfg: ModelConfig, qkv: str = "interleaved") -> list[Entry]:
+    """Every authors' tensor of ``cfg``, in the authors' state-dict order.
+
+    qkv: how the authors' fused QKV rows are ordered (``interleaved`` per head, or
+    ``blocked`` as the original GLM stores them); our layout is the same either way.
+    """
     h, v = cfg.hidden_size, cfg.vocab_size
     out = [Entry("transformer.word_embeddings.weight", ("word_embeddings",), None, _identity(v, h))]
     if cfg.position_encoding == "learned_2d":
         n = cfg.max_seq_len + 1
         out.append(Entry("transformer.position_embeddings.weight", ("position_embeddings",), None, _identity(n, h)))
         out.append(Entry("transformer.block_position_embeddings.weight", ("block_position_embeddings",), None, _identity(n, h)))
-    per_layer = _layer_transforms(cfg)
+    per_layer = _layer_transforms(cfg, qkv)
     for i in range(cfg.num_layers):
         for name, path, t in per_layer:
             out.append(Entry(f"transformer.layers.{i}.{name}", layer_prefix(cfg, i) + path, i, t))

@@ -5,7 +5,8 @@ A glm_jax checkpoint directory holds::
     config.yaml      the glm_jax config (glm_jax.config.dump_config); model.* describes the weights
     params/          an orbax checkpoint of the parameter tree (restorable by StandardCheckpointer)
     hf_source.json   (from-hf only) the source's config.json and what to-hf needs to write it back
-    quantized/       (from-hf of an INT8/INT4 checkpoint) the source's own quantized tensors
+    sat_source.json  (from-sat only) the SAT source's layout, iteration, key order and metadata
+    quantized/       (from an INT8/INT4 checkpoint) the source's own quantized tensors
 
 A converter writes into a temporary sibling of the destination and renames it into
 place only when everything is written, so an interrupted run never leaves something
@@ -25,6 +26,7 @@ from glm_jax.convert.errors import ConvertError
 PARAMS = "params"
 CONFIG = "config.yaml"
 HF_SOURCE = "hf_source.json"
+SAT_SOURCE = "sat_source.json"
 QUANTIZED = "quantized"
 
 

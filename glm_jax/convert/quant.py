@@ -67,6 +67,12 @@ def dequantize(weight: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
     return q.astype(np.float16) * np.asarray(scale, np.float16)[:, None]
 
 
+def reproduces(weight: np.ndarray, scale: np.ndarray, dense: np.ndarray, bits: int) -> bool:
+    """True if the stored ``weight``/``weight_scale`` dequantize to ``dense`` bit for bit (as fp16)."""
+    got = dequantize(weight, np.asarray(scale).astype(np.float16), bits)
+    return bool(np.array_equal(got.view(np.uint16), np.asarray(dense, np.float16).view(np.uint16)))
+
+
 def pack_int4(q: np.ndarray) -> np.ndarray:
     """int8 values in [-8, 7], ``[n, 2m]`` -> ``[n, m]`` bytes, even column in the high nibble."""
     u = np.asarray(q, np.int8).view(np.uint8)

@@ -22,60 +22,22 @@ written whole); ``--format safetensors`` streams, one block at a time.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 from typing import Iterator, Optional
 
 import numpy as np
 
-from glm_jax.config import ConfigError, ModelConfig, load_config
+from glm_jax.config import ModelConfig
 from glm_jax.convert import blocks as blk
-from glm_jax.convert import hf_config, hf_write, layout, output, quant, store
+from glm_jax.convert import hf_config, hf_write, layout, output, params_read, params_write, quant, store
 from glm_jax.convert.errors import ConvertError
-from glm_jax.convert.tensors import np_dtype, to_numpy, to_torch, torch_dtype
+from glm_jax.convert.tensors import np_dtype
 from glm_jax.convert.progress import Progress
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = params_write.DTYPES
 FORMATS = ("bin", "safetensors")
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
-READ_AHEAD = 4
-
-
-def read_model_config(src: str) -> ModelConfig:
-    path = os.path.join(src, output.CONFIG)
-    if not os.path.isfile(path):
-        raise ConvertError(f"{src}: no {output.CONFIG} (expected a glm_jax checkpoint directory, e.g. from from-hf)")
-    try:
-        return load_config(path).model
-    except ConfigError as e:
-        raise ConvertError(f"{path}: {e}") from None
-
-
-def open_params(src: str, cfg: ModelConfig) -> tuple[store.CheckpointReader, dict]:
-    """The parameter checkpoint, checked leaf by leaf against the config."""
-    try:
-        reader = store.CheckpointReader(os.path.join(src, output.PARAMS))
-    except FileNotFoundError as e:
-        raise ConvertError(str(e)) from None
-    arrays = {}
-    for path, shape in layout.leaf_shapes(cfg).items():
-        if path not in reader.leaves:
-            raise ConvertError(f"{src}: parameter {'/'.join(path)} is missing from {output.PARAMS}/ (config.yaml implies it)")
-        arr = reader.open(path)
-        if tuple(arr.shape) != shape:
-            raise ConvertError(f"{src}: parameter {'/'.join(path)} has shape {list(arr.shape)}, but config.yaml implies {list(shape)}")
-        arrays[path] = arr
-    return reader, arrays
-
-
-def _read_units(t: layout.Transform, chunks: tuple[int, ...], stacked: bool) -> int:
-    """Blocks that match the stored chunks (one chunk per read), else whole tensors."""
-    ours = tuple(chunks[1:]) if stacked else tuple(chunks)
-    units = ours[t.perm.index(t.block_axis)]
-    if blk.chunk_shape(t, units) == ours:
-        return units
-    return t.split[t.block_axis]
 
 
 def _inv_freq(cfg: ModelConfig, dtype: str) -> np.ndarray:
@@ -100,13 +62,12 @@ def convert(
     progress: bool = True,
 ) -> dict:
     """Convert; ``quantize`` 4/8 writes INT4/INT8 linears, 0 dense ones, None as the from-hf source was."""
-    if dtype is not None and dtype not in DTYPES:
-        raise ConvertError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    params_write.check_dtype(dtype)
     if fmt not in FORMATS:
         raise ConvertError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
-    cfg = read_model_config(src)
+    cfg = params_read.read_model_config(src)
     hf_config.check_representable(cfg)
-    _, arrays = open_params(src, cfg)
+    _, arrays = params_read.open_params(src, cfg)
     record = {}
     record_path = os.path.join(src, output.HF_SOURCE)
     if os.path.isfile(record_path):
@@ -123,7 +84,7 @@ def convert(
         if bits and quant.is_quantized_linear(e.key):
             return "float16"  # what is quantized, and what the runtime dequantizes to
         if dtype is None:
-            return np.dtype(arrays[e.path].dtype.numpy_dtype).name
+            return params_read.stored_dtype(arrays[e.path])
         return "float32" if e.is_layernorm and dtype in ("float16", "bfloat16") else dtype
 
     weights_dtype = out_dtype(entries["transformer.word_embeddings.weight"])
@@ -148,17 +109,7 @@ def convert(
     bar = Progress(sum(t.nbytes for t in tensors), "to-hf", enabled=progress)
 
     def dense(e: layout.Entry) -> Iterator[tuple[blk.Block, np.ndarray]]:
-        t, arr = e.transform, arrays[e.path]
-        prefix = layout.leaf_index(e, cfg)
-        tdt = torch_dtype(out_dtype(e))
-        units = _read_units(t, tuple(arr.chunk_layout.read_chunk.shape), bool(prefix))
-        pending: collections.deque = collections.deque()
-        for b in blk.blocks(t, units):  # a few reads ahead, so decoding overlaps the permutes
-            pending.append((b, arr[prefix + b.region].read()))
-            if len(pending) > READ_AHEAD:
-                yield _finish(*pending.popleft(), t, tdt)
-        while pending:
-            yield _finish(*pending.popleft(), t, tdt)
+        return params_read.authors_blocks(e, arrays[e.path], cfg, out_dtype(e))
 
     def rows(key: str) -> Iterator[np.ndarray]:
         for part in _rows(key):
@@ -195,11 +146,6 @@ def convert(
     return {"bytes": bar.total, "seconds": seconds, "files": names}
 
 
-def _finish(b: blk.Block, future, t: layout.Transform, tdt) -> tuple[blk.Block, np.ndarray]:
-    box = to_torch(np.asarray(future.result()))
-    return b, to_numpy(blk.ours_to_rows(t, b, box).to(tdt))
-
-
 def scale_key(weight_key: str) -> str:
     return weight_key[: -len("weight")] + "weight_scale"
 
@@ -234,5 +180,4 @@ class _Kept:
         rows = (slice(b.row_start, b.row_stop),)
         q = np.asarray(self._array(weight_key)[rows].read().result())
         scale = np.asarray(self._array(scale_key(weight_key))[rows].read().result())
-        same = quant.dequantize(q, scale.astype(np.float16), self.bits).view(np.uint16)
-        return (q, scale) if np.array_equal(same, np.asarray(dense_rows, np.float16).view(np.uint16)) else None
+        return (q, scale) if quant.reproduces(q, scale, dense_rows, self.bits) else None

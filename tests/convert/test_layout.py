@@ -111,3 +111,16 @@ def test_blocks_reassemble_whole_tensors(name, block_bytes):
             rows += b.row_stop - b.row_start
         assert rows == t.authors_shape[0]
         np.testing.assert_array_equal(ours, t.to_ours(src), err_msg=e.key)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 6, 1, 4), (4, 1, 3), (5, 7), (3,)])
+def test_permuted_equals_torch_permute(shape):
+    """blocks.permuted (the fast copy every block goes through) is exactly permute + contiguous."""
+    import itertools
+
+    import torch
+
+    x = torch.arange(int(np.prod(shape)), dtype=torch.int32).reshape(shape)
+    for perm in itertools.permutations(range(len(shape))):
+        got = blk.permuted(x, perm)
+        assert got.is_contiguous() and torch.equal(got, x.permute(perm))
