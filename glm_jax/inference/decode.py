@@ -44,6 +44,10 @@ from glm_jax.inference.sampling import Sampling, choose
 from glm_jax.model import GLM, prepare_inputs
 
 
+class PromptError(ConfigError):
+    """Prompts the model cannot continue (empty, too long, ids outside the vocabulary, no <sop>)."""
+
+
 @flax.struct.dataclass
 class State:
     tokens: jax.Array  # [b, slots]: prompts, then generated tokens (pad once an example has stopped)
@@ -71,9 +75,9 @@ def _rows(prompts, pad: int) -> list[np.ndarray]:
     if isinstance(prompts, np.ndarray) or (len(prompts) and np.ndim(prompts[0]) == 1 and _uniform(prompts)):
         arr = np.asarray(prompts)
         if arr.ndim != 2:
-            raise ValueError(f"prompts must be [batch, seq] token ids or a list of id lists; got shape {arr.shape}")
+            raise PromptError(f"prompts must be [batch, seq] token ids or a list of id lists; got shape {arr.shape}")
         if arr.size and not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"prompts must be integer token ids; got {arr.dtype}")
+            raise PromptError(f"prompts must be integer token ids; got {arr.dtype}")
         rows = [np.asarray(r, np.int64) for r in arr]
     else:
         rows = [np.asarray(r, np.int64).reshape(-1) for r in prompts]
@@ -93,32 +97,32 @@ def _uniform(prompts) -> bool:
 def check_prompts(rows: Sequence[np.ndarray], cfg: ModelConfig, max_new_tokens: int) -> None:
     """One clear error for prompts the model cannot continue."""
     if not len(rows):
-        raise ValueError("no prompts given")
+        raise PromptError("no prompts given")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     masks = (cfg.mask_token_id, cfg.smask_token_id, cfg.gmask_token_id)
     for i, r in enumerate(rows):
         if not len(r):
-            raise ValueError(f"prompt {i} is empty")
+            raise PromptError(f"prompt {i} is empty")
         bad = r[(r < 0) | (r >= cfg.vocab_size)]
         if bad.size:
-            raise ValueError(f"prompt {i}: token id {int(bad[0])} is outside the vocabulary [0, {cfg.vocab_size})")
+            raise PromptError(f"prompt {i}: token id {int(bad[0])} is outside the vocabulary [0, {cfg.vocab_size})")
         sop = np.flatnonzero(r == cfg.sop_token_id)
         if not sop.size:
-            raise ValueError(
+            raise PromptError(
                 f"prompt {i} has no <sop> (id {cfg.sop_token_id}); GLM continues `text [gMASK] <sop>` "
                 f"(ChatGLM's tokenizer appends [gMASK]={cfg.gmask_token_id} and <sop>={cfg.sop_token_id})"
             )
         if not np.isin(r[: sop[0]], masks).any():
-            raise ValueError(
+            raise PromptError(
                 f"prompt {i} has no [MASK]/[sMASK]/[gMASK] before its <sop>; the position rules need the mask "
                 f"the model fills (ids {', '.join(map(str, masks))})"
             )
     longest = max(len(r) for r in rows)
     if longest > cfg.max_seq_len:
-        raise ValueError(f"a prompt of {longest} tokens is longer than the model's maximum of {cfg.max_seq_len} (model.max_seq_len)")
+        raise PromptError(f"a prompt of {longest} tokens is longer than the model's maximum of {cfg.max_seq_len} (model.max_seq_len)")
     if longest + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(
+        raise PromptError(
             f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's maximum of "
             f"{cfg.max_seq_len} (model.max_seq_len); ask for at most {cfg.max_seq_len - longest} new tokens"
         )
