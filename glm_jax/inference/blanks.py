@@ -24,8 +24,9 @@ def generation_mask(row: Sequence[int], cfg) -> int:
     return cfg.gmask_token_id
 
 
-def fill_blanks(generator, rows: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling()):
-    """Fill every blank of each row (ids without ``<sop>``).
+def fill_blanks(generator, rows: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(), *, bucket: int = 16):
+    """Fill every blank of each row (ids without ``<sop>``). Rows grow by their answers each
+    round; ``bucket`` pads the prompt length up so that rounds share a compiled program.
 
     Returns ``(filled, answers)``: each row with its blanks replaced by the generated
     text, and per row the list of answers (token ids, stop token excluded) in order.
@@ -46,7 +47,7 @@ def fill_blanks(generator, rows: Sequence[Sequence[int]], max_new_tokens: int, s
         if not active:
             return rows, answers
         prompts = [rows[i] + [cfg.sop_token_id] for i in active]
-        new = generator.generate(prompts, max_new_tokens, sampling)[:, -max_new_tokens:]
+        new = generator.generate(prompts, max_new_tokens, sampling, bucket=bucket)[:, -max_new_tokens:]
         for i, out in zip(active, np.asarray(new).tolist()):
             end = next((j for j, t in enumerate(out) if t in stops), len(out))
             answer = out[:end]

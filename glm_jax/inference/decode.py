@@ -182,20 +182,20 @@ class Generator:
         self._compiled: dict = {}
 
     # -- the two device programs -------------------------------------------------------
-    def _emit(self, st: State, logits: jax.Array, key: jax.Array, s: Sampling) -> State:
+    def _emit(self, st: State, logits: jax.Array, key: jax.Array, stops: jax.Array, s: Sampling) -> State:
         """Choose the token of slot ``t`` from ``logits`` and write it."""
         cfg = self.cfg
         tok = choose(logits, st.seen, s, jax.random.fold_in(key, st.t))
         tok = jnp.where(st.done, cfg.pad_token_id, tok)
         tokens = lax.dynamic_update_slice_in_dim(st.tokens, tok[:, None], st.t, axis=1)
-        done = st.done | jnp.isin(tok, jnp.asarray(self.stop_tokens, jnp.int32))
+        done = st.done | jnp.isin(tok, stops)
         seen = st.seen.at[jnp.arange(tok.shape[0]), tok].set(True)
         return st.replace(tokens=tokens, t=st.t + 1, done=done, seen=seen)
 
     def _logits(self, params, hidden: jax.Array) -> jax.Array:
         return self.model.apply({"params": params}, hidden, method=GLM.head)[:, -1]
 
-    def _prefill(self, params, tokens, positions, prefix_len, segment_ids, start, key, *, s: Sampling) -> State:
+    def _prefill(self, params, tokens, positions, prefix_len, segment_ids, start, key, stops, *, s: Sampling) -> State:
         cfg = self.cfg
         b, length = tokens.shape
         slots = positions.shape[-1]
@@ -215,9 +215,9 @@ class Generator:
             done=jnp.zeros((b,), bool),
             seen=seen,
         )
-        return self._emit(st, logits, key, s)
+        return self._emit(st, logits, key, stops, s)
 
-    def _decode(self, params, st: State, key, limit, *, s: Sampling) -> State:
+    def _decode(self, params, st: State, key, stops, limit, *, s: Sampling) -> State:
         def running(st: State):
             return (st.t < limit) & ~jnp.all(st.done)
 
@@ -226,11 +226,12 @@ class Generator:
             pos = lax.dynamic_slice_in_dim(st.positions, st.t - 1, 1, axis=st.positions.ndim - 1)
             hidden, cache = self.model.apply({"params": params}, last, pos, None, return_hidden=True, cache=st.cache)
             st = st.replace(cache=cache.advance(1))
-            return self._emit(st, self._logits(params, hidden), key, s)
+            return self._emit(st, self._logits(params, hidden), key, stops, s)
 
         return lax.while_loop(running, step, st)
 
     def _programs(self, s: Sampling, batch: Batch):
+        s = dataclasses.replace(s, seed=0)  # the key is an argument: one program for every seed
         key = (s, batch.segment_ids is None)
         if key in self._compiled:
             return self._compiled[key]
@@ -243,12 +244,12 @@ class Generator:
             seg = None if batch.segment_ids is None else bsh(2)
             prefill = jax.jit(
                 lambda *a: self._prefill(*a, s=s),
-                in_shardings=(self._param_shardings, bsh(2), bsh(batch.positions.ndim), bsh(batch.prefix_len.ndim), seg, bsh(1), rep),
+                in_shardings=(self._param_shardings, bsh(2), bsh(batch.positions.ndim), bsh(batch.prefix_len.ndim), seg, bsh(1), rep, rep),
                 out_shardings=st_sh,
             )
             decode = jax.jit(
                 lambda *a: self._decode(*a, s=s),
-                in_shardings=(self._param_shardings, st_sh, rep, rep),
+                in_shardings=(self._param_shardings, st_sh, rep, rep, rep),
                 out_shardings=st_sh,
                 donate_argnums=(1,),
             )
@@ -276,35 +277,46 @@ class Generator:
         *,
         chunk: Optional[int] = None,
         bucket: int = 1,
+        stop_tokens: Optional[Sequence[int]] = None,
     ) -> Iterator[np.ndarray]:
         """Yield ``[b, n]`` blocks of new tokens as they are produced (first the prefill's one
         token, then up to ``chunk`` per block); pad follows an example's stop token."""
         batch = layout_batch(prompts, self.cfg, max_new_tokens, bucket)
-        return self._run(batch, max_new_tokens, sampling.validate(), chunk)
+        return self._run(batch, max_new_tokens, sampling.validate(), chunk, stop_tokens)
 
-    def generate(self, prompts, max_new_tokens: int, sampling: Sampling = Sampling(), *, bucket: int = 1) -> np.ndarray:
+    def generate(
+        self,
+        prompts,
+        max_new_tokens: int,
+        sampling: Sampling = Sampling(),
+        *,
+        bucket: int = 1,
+        stop_tokens: Optional[Sequence[int]] = None,
+    ) -> np.ndarray:
         """``[b, width + max_new_tokens]``: each prompt (left-padded to the widest, or as
-        given for an array) followed by its new tokens; pad after an example's stop token."""
+        given for an array) followed by its new tokens; pad after an example's stop token.
+        ``stop_tokens`` replaces the generator's for this call."""
         batch = layout_batch(prompts, self.cfg, max_new_tokens, bucket)
-        new = np.concatenate(list(self._run(batch, max_new_tokens, sampling.validate(), None)), axis=1)
+        new = np.concatenate(list(self._run(batch, max_new_tokens, sampling.validate(), None, stop_tokens)), axis=1)
         new = np.pad(new, ((0, 0), (0, max_new_tokens - new.shape[1])), constant_values=self.cfg.pad_token_id)
         length = batch.tokens.shape[1]
         return np.concatenate([batch.tokens[:, length - batch.width :], new], axis=1)
 
-    def _run(self, batch: Batch, max_new_tokens: int, s: Sampling, chunk: Optional[int]) -> Iterator[np.ndarray]:
+    def _run(self, batch: Batch, max_new_tokens: int, s: Sampling, chunk: Optional[int], stop_tokens) -> Iterator[np.ndarray]:
         chunk = max_new_tokens if chunk is None else chunk
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         prefill, decode = self._programs(s, batch)
         key = jax.random.key(s.seed)
+        stops = jnp.asarray(self.stop_tokens if stop_tokens is None else list(stop_tokens), jnp.int32)
         length = batch.tokens.shape[1]
         end = length + max_new_tokens
         with self._context():
-            st = prefill(self.params, batch.tokens, batch.positions, batch.prefix_len, batch.segment_ids, batch.start, key)
+            st = prefill(self.params, batch.tokens, batch.positions, batch.prefix_len, batch.segment_ids, batch.start, key, stops)
             t = length + 1
             yield np.asarray(st.tokens[:, length:t])
             while t < end and not bool(jnp.all(st.done)):
-                st = decode(self.params, st, key, jnp.asarray(min(t + chunk, end), jnp.int32))
+                st = decode(self.params, st, key, stops, jnp.asarray(min(t + chunk, end), jnp.int32))
                 new_t = int(st.t)
                 yield np.asarray(st.tokens[:, t:new_t])
                 t = new_t
