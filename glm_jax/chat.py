@@ -24,7 +24,7 @@ STREAM_CHUNK = 4  # tokens per device call while streaming
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m glm_jax.chat", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    parser = argparse.ArgumentParser(prog="python -m glm_jax.chat", description="Chat with a ChatGLM-6B-style model, answers streamed as they are generated.")
     cli.add_model_args(parser)
     cli.add_sampling_args(parser, CHATGLM_CHAT, max_new_tokens=512)
     parser.add_argument("--quiet", action="store_true", help="no prompts or banner, answers only (for piping)")

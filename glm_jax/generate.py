@@ -24,7 +24,7 @@ from glm_jax.inference.text import until_stop
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m glm_jax.generate", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    parser = argparse.ArgumentParser(prog="python -m glm_jax.generate", description="Continue text or fill blanks with a GLM model (KV-cache generation with the authors' prompt rules).")
     cli.add_model_args(parser)
     parser.add_argument("--prompt", action="append", required=True, help="text to continue (repeat for a batch)")
     cli.add_sampling_args(parser, Sampling(), max_new_tokens=64)
