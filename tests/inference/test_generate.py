@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import VARIANTS, prompts
+from inference_fixtures import VARIANTS, prompts
 from glm_jax.inference.blanks import fill_blanks
 from glm_jax.inference.decode import PromptError
 from glm_jax.inference.sampling import Sampling

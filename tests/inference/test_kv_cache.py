@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import VARIANTS, prompts, random_params
+from inference_fixtures import VARIANTS, prompts, random_params
 from helpers import variant
 from glm_jax.inference import kv_cache
 from glm_jax.kernels import decode, reference

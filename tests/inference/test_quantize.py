@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from convert import chatglm_fixtures as fx
-from conftest import VARIANTS, prompts, random_params
+from inference_fixtures import VARIANTS, prompts, random_params
 from glm_jax.config import load_config
 from glm_jax.convert import layout, quant
 from glm_jax.convert.__main__ import main as convert_main

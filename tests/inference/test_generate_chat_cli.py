@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import random_params
+from inference_fixtures import random_params
 from glm_jax import chat, generate
 from glm_jax.cli import run_main
 from glm_jax.config import Config, TrainConfig, dump_config
