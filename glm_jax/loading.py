@@ -1,7 +1,10 @@
-"""Load a converted (or saved) glm_jax checkpoint and run it: ``load(dir).logits(ids)``.
+"""Load a converted checkpoint or a training run and use it: ``load(dir).logits(ids)``,
+``.generate(ids)``.
 
     model = load("chatglm-6b-jax")          # from `python -m glm_jax.convert from-hf`
     logits = model.logits(input_ids)         # [batch, seq] ints -> [batch, seq, vocab] float32
+    out = model.generate(input_ids, max_new_tokens=64)   # prompt + new tokens, greedy
+    small = load("chatglm-6b-jax", quantize=4)            # INT4 weights on the device
 
 The caller passes token ids only. Positions and the Part A length are built from them
 by the authors' rules (``glm_jax.model.masks.prepare_inputs``): Part A is everything
@@ -9,34 +12,51 @@ before ``<sop>``; with ``[gMASK]`` (ChatGLM: 2D positions) the position row hold
 mask's index from ``<sop>`` on and the block row counts 1, 2, ... there; leading
 ``pad_token_id`` tokens are left padding. So ``[t0 .. tn, [gMASK], <sop>, ...]`` gives
 the logits the authors' model gives for the same ids.
+
+A directory is either a converted checkpoint (``config.yaml`` + ``params/``, and
+``quantized/`` when converted from an INT8/INT4 release) or a training workdir
+(``config.yaml`` + ``checkpoints/``: the newest committed step's parameters are read,
+nothing else). Parameters are read leaf by leaf, so a pre-quantized checkpoint never
+holds its dense linears in memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
 from glm_jax.config import ConfigError, ModelConfig, load_config
-from glm_jax.convert import layout, output
+from glm_jax.convert import layout, output, quant
+
+Bits = Union[int, str, None]
+
+
+def parse_bits(value: Bits) -> Optional[int]:
+    """``None`` (as stored), ``0``/``"none"`` (float), ``8``/``"int8"``, ``4``/``"int4"``."""
+    if value is None:
+        return None
+    names = {"none": 0, "float": 0, "0": 0, "int8": 8, "8": 8, "int4": 4, "4": 4}
+    key = str(value).lower()
+    if key not in names:
+        raise ConfigError(f"quantize={value!r} is not valid; valid values: none, int8, int4 (or 0, 8, 4)")
+    return names[key]
 
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A model config and its parameters, ready to score token ids."""
+    """A model config and its parameters (float or weight-only quantized), on the device(s)."""
 
     config: ModelConfig
     params: Any
+    mesh: Any = None
     _apply: Any = dataclasses.field(default=None, repr=False)
+    _generator: Any = dataclasses.field(default=None, repr=False)
 
-    def logits(self, input_ids) -> np.ndarray:
-        """``[batch, seq]`` integer ids -> ``[batch, seq, vocab]`` float32 logits."""
-        import jax
-
-        from glm_jax.model import GLM, prepare_inputs
-
+    def _check_ids(self, input_ids) -> np.ndarray:
         ids = np.asarray(input_ids)
         if ids.ndim == 1:
             raise ValueError(f"input_ids must be [batch, seq]; got shape {ids.shape} (wrap a single sequence in a list)")
@@ -44,53 +64,176 @@ class LoadedModel:
             raise ValueError(f"input_ids must be a [batch, seq] integer array; got {ids.dtype} of shape {ids.shape}")
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}); got [{ids.min()}, {ids.max()}]")
+        return ids
+
+    def logits(self, input_ids) -> np.ndarray:
+        """``[batch, seq]`` integer ids -> ``[batch, seq, vocab]`` float32 logits."""
+        import jax
+
+        from glm_jax.model import GLM, prepare_inputs
+
+        ids = self._check_ids(input_ids)
         inputs = prepare_inputs(ids, self.config)
         if self._apply is None:
             self._apply = jax.jit(GLM(self.config).apply)
         out = self._apply({"params": self.params}, ids.astype(np.int32), inputs["positions"], inputs["prefix_len"], inputs["segment_ids"])
         return np.asarray(out, dtype=np.float32)
 
+    @property
+    def generator(self):
+        """The compiled KV-cache generation loop (``glm_jax.inference.decode.Generator``)."""
+        from glm_jax.inference.decode import Generator
 
-def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, prefix + (str(k),)))
-        return out
-    return {prefix: tree}
+        if self._generator is None:
+            self._generator = Generator(self.config, self.params, mesh=self.mesh)
+        return self._generator
+
+    def generate(self, input_ids, max_new_tokens: int = 32, sampling=None, **options) -> np.ndarray:
+        """``[batch, seq]`` prompt ids (``text [gMASK] <sop>``, left-padded with pad_token_id;
+        a list of rows of different lengths is padded for you) -> the prompts followed by
+        ``max_new_tokens`` new ids, greedy unless ``sampling`` (a
+        ``glm_jax.inference.sampling.Sampling``) or its fields (``greedy=False,
+        temperature=, top_k=, top_p=, repetition_penalty=, seed=``) say otherwise. An example
+        stops at ``<eop>`` or eos; pad fills the rest of its row."""
+        return self.generator.generate(input_ids, max_new_tokens, _sampling(sampling, options))
+
+    def stream(self, input_ids, max_new_tokens: int = 32, sampling=None, *, chunk: int = 8, **options):
+        """Like :meth:`generate`, yielding ``[batch, n]`` blocks of new ids as they are produced."""
+        return self.generator.stream(input_ids, max_new_tokens, _sampling(sampling, options), chunk=chunk)
+
+    def fill_blanks(self, rows: Sequence[Sequence[int]], max_new_tokens: int = 32, sampling=None, **options):
+        """GLM-130B's blank filling (GLM_SPEC §1.6); see ``glm_jax.inference.blanks``."""
+        from glm_jax.inference.blanks import fill_blanks
+
+        return fill_blanks(self.generator, rows, max_new_tokens, _sampling(sampling, options))
+
+    def quantize(self, bits: Bits) -> "LoadedModel":
+        """A copy with the four linears of every layer quantized to ``bits`` (8 or 4)."""
+        from glm_jax.inference import quantize as qz
+
+        n = parse_bits(bits)
+        if not n:
+            raise ConfigError(f"quantize needs int8 or int4, got {bits!r}")
+        if qz.is_quantized(self.params):
+            raise ConfigError("these parameters are already quantized; load the checkpoint with quantize=... instead")
+        return _placed(self.config, qz.quantize(self.params, self.config, n), self.mesh)
 
 
-def load(checkpoint_dir: str, *, dtype: Optional[str] = None) -> LoadedModel:
-    """Restore ``checkpoint_dir`` (``config.yaml`` + ``params/``).
+def _sampling(sampling, options: dict):
+    from glm_jax.inference.sampling import Sampling
+
+    if sampling is not None and options:
+        raise ValueError("pass either sampling= or its fields, not both")
+    if sampling is None:
+        fields = {f.name for f in dataclasses.fields(Sampling)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise ValueError(f"unknown generation option {unknown[0]!r}; valid: {', '.join(sorted(fields))}")
+        sampling = Sampling(**options)
+    return sampling
+
+
+def _placed(cfg: ModelConfig, params: Any, mesh) -> LoadedModel:
+    import jax
+
+    if mesh is None:
+        params = jax.device_put(params)
+    else:
+        from glm_jax.inference.decode import param_shardings
+
+        params = jax.device_put(params, param_shardings(cfg, params, mesh))
+    return LoadedModel(config=cfg, params=params, mesh=mesh)
+
+
+def _newest_step(ckpt_dir: str) -> str:
+    steps = [
+        int(name) for name in os.listdir(ckpt_dir)
+        if name.isdigit() and os.path.exists(os.path.join(ckpt_dir, name, "state", "_METADATA"))
+    ]
+    if not steps:
+        raise FileNotFoundError(f"{ckpt_dir}: no finished checkpoint to load")
+    return os.path.join(ckpt_dir, str(max(steps)), "state")
+
+
+def _sources(checkpoint_dir: str) -> tuple[str, str, tuple[str, ...]]:
+    """(config.yaml, the orbax directory holding the parameters, their path prefix in it)."""
+    cfg_path = os.path.join(checkpoint_dir, output.CONFIG)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(
+            f"{checkpoint_dir}: no {output.CONFIG}; expected a directory written by python -m glm_jax.convert "
+            "or a training workdir"
+        )
+    params_path = os.path.join(checkpoint_dir, output.PARAMS)
+    if os.path.isdir(params_path):
+        return cfg_path, params_path, ()
+    ckpts = os.path.join(checkpoint_dir, "checkpoints")
+    if os.path.isdir(ckpts):
+        return cfg_path, _newest_step(ckpts), ("params",)
+    raise FileNotFoundError(f"{checkpoint_dir}: neither {output.PARAMS}/ nor checkpoints/ to load parameters from")
+
+
+def stored_bits(checkpoint_dir: str) -> int:
+    """The quantization of a checkpoint converted from an INT8/INT4 release (0 if none)."""
+    if not os.path.isdir(os.path.join(checkpoint_dir, output.QUANTIZED)):
+        return 0
+    with open(os.path.join(checkpoint_dir, output.HF_SOURCE)) as f:
+        return int(json.load(f).get("quantization_bit") or 0)
+
+
+def load(checkpoint_dir: str, *, dtype: Optional[str] = None, quantize: Bits = None, mesh=None) -> LoadedModel:
+    """Restore ``checkpoint_dir`` (a converted checkpoint or a training workdir).
 
     dtype: compute dtype override (converted checkpoints compute in float32; parameters
       keep their stored dtypes and are cast inside the model).
+    quantize: None keeps what is stored (an INT8/INT4 release stays quantized, with its
+      own tensors); 0/"none" gives float weights; 8/"int8" or 4/"int4" quantizes
+      (``glm_jax.inference.quantize``), reusing stored tensors of the same width.
+    mesh: a ``jax.sharding.Mesh`` to place the parameters on, split by the logical-axis
+      rules (heads and the MLP over ``model``), for models larger than one device.
     """
-    import orbax.checkpoint as ocp
+    from glm_jax.convert import store
+    from glm_jax.convert.from_hf import scale_key
+    from glm_jax.inference import quantize as qz
 
-    cfg_path = os.path.join(checkpoint_dir, output.CONFIG)
-    params_path = os.path.abspath(os.path.join(checkpoint_dir, output.PARAMS))
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{checkpoint_dir}: no {output.CONFIG}; expected a directory written by python -m glm_jax.convert")
-    if not os.path.isdir(params_path):
-        raise FileNotFoundError(f"{checkpoint_dir}: no {output.PARAMS}/ directory")
+    cfg_path, params_path, prefix = _sources(checkpoint_dir)
     cfg = load_config(cfg_path).model
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
         cfg.validate()
-    params = ocp.StandardCheckpointer().restore(params_path)
-    got = {k: tuple(v.shape) for k, v in _flatten(params).items()}
-    want = layout.leaf_shapes(cfg)
-    if got != want:
-        missing = sorted(set(want) - set(got))
-        extra = sorted(set(got) - set(want))
-        wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
-        detail = "; ".join(
-            part for part in (
-                f"missing {'/'.join(missing[0])}" if missing else "",
-                f"unexpected {'/'.join(extra[0])}" if extra else "",
-                f"{'/'.join(wrong[0])} is {list(got[wrong[0]])}, config implies {list(want[wrong[0]])}" if wrong else "",
-            ) if part
-        )
-        raise ConfigError(f"{checkpoint_dir}: parameters do not match {output.CONFIG} ({detail})")
-    return LoadedModel(config=cfg, params=params)
+    have = stored_bits(checkpoint_dir)
+    bits = have if parse_bits(quantize) is None else parse_bits(quantize)
+    reader = store.CheckpointReader(params_path)
+    got = {p[len(prefix):]: tuple(reader.open(p).shape) for p in reader.leaves if p[: len(prefix)] == prefix}
+    _check_shapes(checkpoint_dir, got, layout.leaf_shapes(cfg))
+    # With the release's own quantized tensors, the dense copies of the linears are not read.
+    keep = {e.path for e in layout.entries(cfg) if quant.is_quantized_linear(e.key)} if bits and bits == have else set()
+    tree: dict = {}
+    for path in got:
+        if path in keep:
+            continue
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = reader.read(prefix + path)
+    if keep:
+        qreader = store.CheckpointReader(os.path.join(checkpoint_dir, output.QUANTIZED))
+        tree = qz.from_authors(tree, cfg, bits, lambda key: (qreader.read((key,)), qreader.read((scale_key(key),))))
+    elif bits:
+        tree = qz.quantize(tree, cfg, bits)
+    return _placed(cfg, tree, mesh)
+
+
+def _check_shapes(where: str, got: dict, want: dict) -> None:
+    if got == want:
+        return
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    detail = "; ".join(
+        part for part in (
+            f"missing {'/'.join(missing[0])}" if missing else "",
+            f"unexpected {'/'.join(extra[0])}" if extra else "",
+            f"{'/'.join(wrong[0])} is {list(got[wrong[0]])}, config implies {list(want[wrong[0]])}" if wrong else "",
+        ) if part
+    )
+    raise ConfigError(f"{where}: parameters do not match {output.CONFIG} ({detail})")

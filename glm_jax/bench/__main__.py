@@ -1,4 +1,4 @@
-"""``python -m glm_jax.bench {data,train,convert} [--json] ...``: benchmarks that print JSON."""
+"""``python -m glm_jax.bench {data,train,convert,decode,quantize} [--json] ...``: benchmarks that print JSON."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 from glm_jax import cli
 
-BENCHES = ("data", "train", "convert")
+BENCHES = ("data", "train", "convert", "decode", "quantize")
 
 
 def main(argv=None) -> int:
@@ -26,6 +26,14 @@ def main(argv=None) -> int:
         from glm_jax.bench import convert
 
         return convert.main(argv[1:])
+    if argv[0] == "decode":
+        from glm_jax.bench import decode
+
+        return decode.main(argv[1:])
+    if argv[0] == "quantize":
+        from glm_jax.bench import quantize
+
+        return quantize.main(argv[1:])
     return 2
 
 

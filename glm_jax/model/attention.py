@@ -6,15 +6,15 @@ interleaved layout made explicit); the converters map checkpoint layouts onto it
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from glm_jax.config import ModelConfig
-from glm_jax.kernels import reference
-from glm_jax.model import init, rotary
+from glm_jax.kernels import decode, reference
+from glm_jax.model import init, linear, rotary
 
 IMPLEMENTATIONS = {"xla": reference.attention}
 
@@ -36,12 +36,20 @@ class Attention(nn.Module):
         positions: jax.Array,
         part_a_end: jax.Array,
         segment_ids: Optional[jax.Array],
-    ) -> jax.Array:
+        cache: Optional[Any] = None,
+    ) -> tuple[jax.Array, Optional[Any]]:
+        """Returns the attention output and ``cache`` with this layer's keys and values stored.
+
+        cache: a ``glm_jax.inference.kv_cache.KVCache`` or None. These tokens' (post-rotary)
+          keys and values go into it at ``cache.index``; with ``cache.decoding`` the tokens
+          are Part B continuing the cached sequence and attend to its valid slots
+          (``kernels/decode.py``) rather than to each other by the GLM mask.
+        """
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         h, nh, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-        w_qkv = self.param("qkv_kernel", init.qkv(cfg), (h, 3, nh, hd), jnp.dtype(cfg.param_dtype))
-        qkv = jnp.einsum("bld,dthk->tblhk", x, w_qkv.astype(dtype))
+        w_qkv = linear.kernel(self, "qkv_kernel", init.qkv(cfg), (h, 3, nh, hd), jnp.dtype(cfg.param_dtype))
+        qkv = linear.einsum("bld,dthk->tblhk", x, w_qkv, dtype)
         if cfg.use_bias:
             b_qkv = self.param("qkv_bias", init.zeros(("qkv", "heads", "head_dim")), (3, nh, hd), jnp.dtype(cfg.param_dtype))
             qkv = qkv + b_qkv.astype(dtype)[:, None, None]
@@ -51,7 +59,29 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(k, axes)
         v = nn.with_logical_constraint(v, axes)
 
+        def project_out(ctx: jax.Array) -> jax.Array:
+            ctx = nn.with_logical_constraint(ctx, axes)
+            w_o = linear.kernel(
+                self,
+                "out_kernel",
+                init.projection(cfg, h, h, ("heads", "head_dim", "embed"), output=True),
+                (nh, hd, h),
+                jnp.dtype(cfg.param_dtype),
+            )
+            out = linear.einsum("blhk,hkd->bld", ctx, w_o, dtype)
+            if cfg.use_bias:
+                b_o = self.param("out_bias", init.zeros(("embed",)), (h,), jnp.dtype(cfg.param_dtype))
+                out = out + b_o.astype(dtype)
+            return nn.with_logical_constraint(out, ("batch", "length", "act_embed"))
+
         q, k = rotary.apply_rotary(q, k, positions, cfg)
+        layer_scale = (layer_index + 1) if cfg.attention_layer_scaling else None
+        if cache is not None:
+            cache = cache.write(layer_index, k, v)
+            if cache.decoding:
+                k_all, v_all = cache.layer(layer_index)
+                ctx = decode.attention(q, k_all, v_all, cache.start, cache.index, layer_scale=layer_scale)
+                return project_out(ctx), cache
 
         dropout_rng = None
         if cfg.attention_dropout > 0.0 and not self.deterministic:
@@ -63,20 +93,8 @@ class Attention(nn.Module):
             v,
             part_a_end,
             segment_ids,
-            layer_scale=(layer_index + 1) if cfg.attention_layer_scaling else None,
+            layer_scale=layer_scale,
             dropout_rate=cfg.attention_dropout,
             dropout_rng=dropout_rng,
         )
-        ctx = nn.with_logical_constraint(ctx, axes)
-
-        w_o = self.param(
-            "out_kernel",
-            init.projection(cfg, h, h, ("heads", "head_dim", "embed"), output=True),
-            (nh, hd, h),
-            jnp.dtype(cfg.param_dtype),
-        )
-        out = jnp.einsum("blhk,hkd->bld", ctx, w_o.astype(dtype))
-        if cfg.use_bias:
-            b_o = self.param("out_bias", init.zeros(("embed",)), (h,), jnp.dtype(cfg.param_dtype))
-            out = out + b_o.astype(dtype)
-        return nn.with_logical_constraint(out, ("batch", "length", "act_embed"))
+        return project_out(ctx), cache

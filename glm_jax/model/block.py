@@ -7,7 +7,7 @@ pre (original GLM):  y = x + Attn(LN_in(x)); out = y + MLP(LN_post(y)).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -42,7 +42,9 @@ class Block(nn.Module):
         positions: jax.Array,
         part_a_end: jax.Array,
         segment_ids: Optional[jax.Array],
-    ) -> jax.Array:
+        cache: Optional[Any] = None,
+    ) -> tuple[jax.Array, Optional[Any]]:
+        """Returns the layer's output and ``cache`` with its keys and values (see Attention)."""
         cfg = self.cfg
         attn = Attention(cfg, deterministic=self.deterministic, name="attention")
         mlp = MLP(cfg, name="mlp")
@@ -52,10 +54,12 @@ class Block(nn.Module):
         if cfg.norm_order == "post":
             alpha = jnp.asarray(cfg.alpha, x.dtype)
             a = ln_in(x)
-            y = a * alpha + drop(attn(a, layer_index, positions, part_a_end, segment_ids))
+            attended, cache = attn(a, layer_index, positions, part_a_end, segment_ids, cache)
+            y = a * alpha + drop(attended)
             b = ln_post(y)
             out = b * alpha + drop(mlp(b))
         else:
-            y = x + drop(attn(ln_in(x), layer_index, positions, part_a_end, segment_ids))
+            attended, cache = attn(ln_in(x), layer_index, positions, part_a_end, segment_ids, cache)
+            y = x + drop(attended)
             out = y + drop(mlp(ln_post(y)))
-        return nn.with_logical_constraint(out, ("batch", "length", "act_embed"))
+        return nn.with_logical_constraint(out, ("batch", "length", "act_embed")), cache

@@ -8,7 +8,7 @@ lengths and optional segment ids; see ``glm_jax.model.masks`` for the mask rule 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -38,9 +38,10 @@ class _ScanBody(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, layer_index, positions, part_a_end, segment_ids):
+    def __call__(self, carry, layer_index, positions, part_a_end, segment_ids):
+        x, cache = carry
         block = _block_class(self.cfg)(self.cfg, deterministic=self.deterministic, name="block")
-        return block(x, layer_index, positions, part_a_end, segment_ids), None
+        return block(x, layer_index, positions, part_a_end, segment_ids, cache), None
 
 
 class GLM(nn.Module):
@@ -98,26 +99,33 @@ class GLM(nn.Module):
         self,
         tokens: jax.Array,
         positions: jax.Array,
-        prefix_len: jax.Array,
+        prefix_len: Optional[jax.Array],
         segment_ids: Optional[jax.Array] = None,
         *,
         return_hidden: bool = False,
-    ) -> jax.Array:
+        cache: Optional[Any] = None,
+    ):
+        """Logits ``[b, L, vocab]`` (or final hidden states with ``return_hidden``).
+
+        cache: a ``glm_jax.inference.kv_cache.KVCache``. The tokens' keys and values are
+          stored in it and ``(logits, cache)`` is returned. Prefill (``cache.decoding``
+          False) is the ordinary forward pass with the GLM mask; decoding (True) takes
+          Part B tokens that continue the cached sequence, and ``prefix_len`` may be None.
+        """
         cfg = self.cfg
         length = tokens.shape[1]
         positions = jnp.asarray(positions, jnp.int32)
-        a_end = masks.part_a_end(prefix_len, segment_ids, length)
+        a_end = None if prefix_len is None else masks.part_a_end(prefix_len, segment_ids, length)
         x = self.embed(tokens, positions)
         if cfg.scan_layers:
             layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-            x, _ = self.layers(x, layer_ids, positions, a_end, segment_ids)
+            (x, cache), _ = self.layers((x, cache), layer_ids, positions, a_end, segment_ids)
         else:
             for i, block in enumerate(self.layers):
-                x = block(x, jnp.asarray(i, jnp.int32), positions, a_end, segment_ids)
+                x, cache = block(x, jnp.asarray(i, jnp.int32), positions, a_end, segment_ids, cache)
         x = self.final_layernorm(x)
-        if return_hidden:
-            return x
-        return self.head(x)
+        out = x if return_hidden else self.head(x)
+        return out if cache is None else (out, cache)
 
 
 @jax.custom_vjp

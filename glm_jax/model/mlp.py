@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from glm_jax.config import ModelConfig
-from glm_jax.model import init
+from glm_jax.model import init, linear
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
@@ -33,21 +33,21 @@ class MLP(nn.Module):
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         h, f = cfg.hidden_size, cfg.mlp_dim
         if cfg.mlp_type == "geglu":
-            w_i = self.param("wi_kernel", init.projection(cfg, h, f, ("embed", "glu", "mlp"), output=False), (h, 2, f), pdtype)
-            u = jnp.einsum("bld,dgf->blgf", x, w_i.astype(dtype))
+            w_i = linear.kernel(self, "wi_kernel", init.projection(cfg, h, f, ("embed", "glu", "mlp"), output=False), (h, 2, f), pdtype)
+            u = linear.einsum("bld,dgf->blgf", x, w_i, dtype)
             if cfg.use_bias:
                 u = u + self.param("wi_bias", init.zeros(("glu", "mlp")), (2, f), pdtype).astype(dtype)
             u = nn.with_logical_constraint(u, ("batch", "length", None, "act_mlp"))
             a = u[:, :, 0] * gelu(u[:, :, 1], cfg.gelu_approximate)
         else:
-            w_i = self.param("wi_kernel", init.projection(cfg, h, f, ("embed", "mlp"), output=False), (h, f), pdtype)
-            u = jnp.einsum("bld,df->blf", x, w_i.astype(dtype))
+            w_i = linear.kernel(self, "wi_kernel", init.projection(cfg, h, f, ("embed", "mlp"), output=False), (h, f), pdtype)
+            u = linear.einsum("bld,df->blf", x, w_i, dtype)
             if cfg.use_bias:
                 u = u + self.param("wi_bias", init.zeros(("mlp",)), (f,), pdtype).astype(dtype)
             a = gelu(u, cfg.gelu_approximate)
         a = nn.with_logical_constraint(a, ("batch", "length", "act_mlp"))
-        w_o = self.param("wo_kernel", init.projection(cfg, f, h, ("mlp", "embed"), output=True), (f, h), pdtype)
-        out = jnp.einsum("blf,fd->bld", a, w_o.astype(dtype))
+        w_o = linear.kernel(self, "wo_kernel", init.projection(cfg, f, h, ("mlp", "embed"), output=True), (f, h), pdtype)
+        out = linear.einsum("blf,fd->bld", a, w_o, dtype)
         if cfg.use_bias:
             out = out + self.param("wo_bias", init.zeros(("embed",)), (h,), pdtype).astype(dtype)
         return nn.with_logical_constraint(out, ("batch", "length", "act_embed"))

@@ -1,0 +1,120 @@
+"""What ``python -m glm_jax.generate`` and ``python -m glm_jax.chat`` share: the model,
+vocabulary and sampling flags, loading, and streaming an answer as text. Bad input
+raises ``ConfigError`` subclasses, which ``glm_jax.cli.run_main`` prints as one line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+from glm_jax.config import ConfigError
+from glm_jax.inference.sampling import Sampling
+
+
+class UsageError(ConfigError):
+    """Bad input from the user: ``glm_jax.cli.run_main`` prints it as one line, exit code 2."""
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--checkpoint", required=True, help="a converted checkpoint (python -m glm_jax.convert) or a training workdir")
+    g.add_argument("--vocab", default=None, help="SentencePiece model (ChatGLM-6B: ice_text.model); default: the one the "
+                   "checkpoint's config names, else glm_jax's default vocabulary")
+    g.add_argument("--vocab-id-offset", type=int, default=None, help="model id = piece id - offset (default: found from "
+                   "the [gMASK] piece if the vocabulary has one, else the config's data.vocab_id_offset)")
+    g.add_argument("--quantize", default=None, choices=["none", "int8", "int4"],
+                   help="weight-only quantization of the four linears per layer (default: as stored)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype (default: the checkpoint's)")
+    g.add_argument("--model-parallel", type=int, default=1, help="split heads and MLP over this many devices (mesh axis model)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, defaults: Sampling, max_new_tokens: int) -> None:
+    g = parser.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"token budget per answer (default {max_new_tokens})")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--sample", dest="greedy", action="store_false", default=defaults.greedy,
+                      help="sample" + (" (default)" if not defaults.greedy else " instead of greedy decoding"))
+    mode.add_argument("--greedy", dest="greedy", action="store_true", help="greedy decoding" + (" (default)" if defaults.greedy else ""))
+    g.add_argument("--temperature", type=float, default=defaults.temperature, help=f"sampling temperature (default {defaults.temperature})")
+    g.add_argument("--top-k", type=int, default=defaults.top_k, help=f"keep the k most likely tokens, 0 = off (default {defaults.top_k})")
+    g.add_argument("--top-p", type=float, default=defaults.top_p, help=f"nucleus sampling mass, 1 = off (default {defaults.top_p})")
+    g.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty,
+                   help=f"CTRL/ChatGLM repetition penalty, 1 = off (default {defaults.repetition_penalty})")
+    g.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed")
+
+
+def sampling_from_args(args) -> Sampling:
+    return Sampling(
+        greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed,
+    ).validate()
+
+
+def _vocab_offset(path: str, cfg, given: Optional[int], configured: int) -> int:
+    if given is not None:
+        return given
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=path)
+    pid = sp.piece_to_id("[gMASK]")
+    if pid != sp.unk_id() and sp.id_to_piece(pid) == "[gMASK]":
+        return pid - cfg.gmask_token_id
+    return configured
+
+
+def load_model_and_text(args):
+    """(LoadedModel, PromptText) from the model flags; every problem is one clear line."""
+    from glm_jax.config import load_config
+    from glm_jax.convert import output
+    from glm_jax.data.vocab import GLMVocabulary, default_vocabulary_path
+    from glm_jax.inference.text import PromptText
+    from glm_jax.loading import load
+
+    ckpt = args.checkpoint
+    if not os.path.isdir(ckpt):
+        raise UsageError(f"--checkpoint {ckpt}: no such directory")
+    cfg_file = load_config(os.path.join(ckpt, output.CONFIG)) if os.path.isfile(os.path.join(ckpt, output.CONFIG)) else None
+    mesh = None
+    if args.model_parallel > 1:
+        from glm_jax.config import MeshConfig
+        from glm_jax.parallel.mesh import make_mesh
+
+        mesh = make_mesh(MeshConfig(data=-1, model=args.model_parallel))
+    try:
+        model = load(ckpt, dtype=args.dtype, quantize=args.quantize, mesh=mesh)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    cfg = model.config
+    path = args.vocab or (cfg_file.data.vocab if cfg_file else None)
+    if path is None:
+        if os.path.exists(os.path.join(ckpt, output.HF_SOURCE)):
+            raise UsageError(f"{ckpt} was converted from Hugging Face: pass its vocabulary with --vocab (ChatGLM-6B: ice_text.model)")
+        print("glm_jax: no --vocab given; using glm_jax's default vocabulary (built once and cached)", file=sys.stderr)
+        path = default_vocabulary_path(cfg)
+    if not os.path.isfile(path):
+        raise UsageError(f"--vocab {path}: no such file")
+    offset = _vocab_offset(path, cfg, args.vocab_id_offset, cfg_file.data.vocab_id_offset if cfg_file else 0)
+    return model, PromptText(GLMVocabulary(path, cfg, offset))
+
+
+def stream_answer(model, text, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, *, chunk: int = 4, out=None):
+    """Generate for one prompt, writing the answer's text to ``out`` as it grows (nothing
+    if None). Returns (answer text, answer ids without the stop token)."""
+    from glm_jax.inference.text import until_stop
+
+    stops = model.generator.stop_tokens
+    ids: list[int] = []
+    shown = ""
+    for block in model.stream([prompt_ids], max_new_tokens, sampling, chunk=chunk):
+        ids.extend(int(t) for t in block[0])
+        now = text.decode(until_stop(ids, stops))
+        if out is not None:
+            out.write(now[len(shown):])
+            out.flush()
+        shown = now
+    if out is not None:
+        out.write("\n")
+        out.flush()
+    return shown, until_stop(ids, stops)

@@ -1,0 +1,354 @@
+"""Generation with a KV cache: one prefill pass, then a compiled decoding loop.
+
+    gen = Generator(cfg, params)                     # optionally mesh=... to shard over `model`
+    out = gen.generate(prompts, max_new_tokens=64)   # [b, prompt + 64] token ids
+    for new in gen.stream(prompts, 64, chunk=8): ... # [b, n] tokens as they are produced
+
+A prompt is what the authors' models take: ``text [gMASK] <sop>`` (ChatGLM-6B's tokenizer
+appends both), or ``text [MASK] text <sop>`` for GLM-130B's blank filling (§1.6). The
+prompts of a batch are left-padded to one length with ``pad_token_id``, as ChatGLM's
+tokenizer pads. The positions of every slot, generated ones included, come from
+``glm_jax.model.masks.prepare_inputs`` (the authors' rules: 1D for GLM-130B, 2D for
+ChatGLM-6B), applied once to the prompt followed by placeholders: the rules depend only
+on where the prompt's mask and ``<sop>`` are.
+
+**Prefill** runs the ordinary forward pass over the prompts (Part A bidirectional,
+``<sop>`` causal), stores every layer's keys and values in the cache and chooses the
+first new token. **Decoding** is a ``lax.while_loop`` on the device: feed the last token
+(a Part B query against the cache, ``kernels/decode.py``), choose the next
+(``sampling.py``), until every example has produced a stop token or the loop reaches its
+slot limit. The loop runs ``chunk`` tokens per call: ``generate`` makes one call for the
+whole budget; ``stream`` hands each chunk back to the host as soon as it is done, with no
+host round trip per token and nothing but the chunk boundary changed (the key of step t
+is the same either way). A callback inside the loop (``io_callback``) would stream token
+by token, but it syncs the host on every step and does not compose with a sharded,
+multi-host loop; a chunk of K tokens costs one dispatch per K tokens and streams in
+bursts a few tens of milliseconds apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from glm_jax.config import ConfigError, ModelConfig
+from glm_jax.inference import kv_cache, quantize
+from glm_jax.inference.sampling import Sampling, choose
+from glm_jax.model import GLM, prepare_inputs
+
+
+class PromptError(ConfigError):
+    """Prompts the model cannot continue (empty, too long, ids outside the vocabulary, no <sop>)."""
+
+
+@flax.struct.dataclass
+class State:
+    tokens: jax.Array  # [b, slots]: prompts, then generated tokens (pad once an example has stopped)
+    positions: jax.Array  # [b, slots] or [b, 2, slots]: every slot's position
+    cache: kv_cache.KVCache
+    t: jax.Array  # [] the next slot to fill
+    done: jax.Array  # [b] the example has produced a stop token
+    seen: jax.Array  # [b, vocab] tokens in the sequence so far (repetition penalty)
+
+
+@dataclasses.dataclass
+class Batch:
+    """Prompts laid out for the device: left-padded, with every slot's position."""
+
+    tokens: np.ndarray  # [b, prompt_len] left-padded prompts
+    positions: np.ndarray  # [b, (2,) prompt_len + max_new_tokens]
+    prefix_len: np.ndarray
+    segment_ids: Optional[np.ndarray]
+    start: np.ndarray  # [b] leading pads
+    width: int  # the caller's prompt width: output rows are the last width + new slots
+
+
+def _rows(prompts, pad: int) -> list[np.ndarray]:
+    """Each prompt without its left padding."""
+    if isinstance(prompts, np.ndarray) or (len(prompts) and np.ndim(prompts[0]) == 1 and _uniform(prompts)):
+        arr = np.asarray(prompts)
+        if arr.ndim != 2:
+            raise PromptError(f"prompts must be [batch, seq] token ids or a list of id lists; got shape {arr.shape}")
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise PromptError(f"prompts must be integer token ids; got {arr.dtype}")
+        rows = [np.asarray(r, np.int64) for r in arr]
+    else:
+        rows = [np.asarray(r, np.int64).reshape(-1) for r in prompts]
+    out = []
+    for r in rows:
+        n = 0
+        while n < len(r) and r[n] == pad:
+            n += 1
+        out.append(r[n:])
+    return out
+
+
+def _uniform(prompts) -> bool:
+    return len({len(p) for p in prompts}) == 1
+
+
+def check_prompts(rows: Sequence[np.ndarray], cfg: ModelConfig, max_new_tokens: int) -> None:
+    """One clear error for prompts the model cannot continue."""
+    if not len(rows):
+        raise PromptError("no prompts given")
+    if max_new_tokens < 1:
+        raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    masks = (cfg.mask_token_id, cfg.smask_token_id, cfg.gmask_token_id)
+    for i, r in enumerate(rows):
+        if not len(r):
+            raise PromptError(f"prompt {i} is empty")
+        bad = r[(r < 0) | (r >= cfg.vocab_size)]
+        if bad.size:
+            raise PromptError(f"prompt {i}: token id {int(bad[0])} is outside the vocabulary [0, {cfg.vocab_size})")
+        sop = np.flatnonzero(r == cfg.sop_token_id)
+        if not sop.size:
+            raise PromptError(
+                f"prompt {i} has no <sop> (id {cfg.sop_token_id}); GLM continues `text [gMASK] <sop>` "
+                f"(ChatGLM's tokenizer appends [gMASK]={cfg.gmask_token_id} and <sop>={cfg.sop_token_id})"
+            )
+        if not np.isin(r[: sop[0]], masks).any():
+            raise PromptError(
+                f"prompt {i} has no [MASK]/[sMASK]/[gMASK] before its <sop>; the position rules need the mask "
+                f"the model fills (ids {', '.join(map(str, masks))})"
+            )
+    longest = max(len(r) for r in rows)
+    if longest > cfg.max_seq_len:
+        raise PromptError(f"a prompt of {longest} tokens is longer than the model's maximum of {cfg.max_seq_len} (model.max_seq_len)")
+    if longest + max_new_tokens > cfg.max_seq_len:
+        raise PromptError(
+            f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's maximum of "
+            f"{cfg.max_seq_len} (model.max_seq_len); ask for at most {cfg.max_seq_len - longest} new tokens"
+        )
+
+
+def layout_batch(prompts, cfg: ModelConfig, max_new_tokens: int, bucket: int = 1) -> Batch:
+    """Strip and redo the left padding (to a multiple of ``bucket`` where it fits, so that
+    nearby prompt lengths share a compiled program) and compute every slot's position."""
+    width = np.shape(prompts)[1] if isinstance(prompts, np.ndarray) and np.ndim(prompts) == 2 else None
+    rows = _rows(prompts, cfg.pad_token_id)
+    check_prompts(rows, cfg, max_new_tokens)
+    longest = max(len(r) for r in rows)
+    length = -(-longest // bucket) * bucket
+    length = max(longest, min(length, cfg.max_seq_len - max_new_tokens))
+    if width is not None:
+        length = max(length, width)
+    b = len(rows)
+    full = np.full((b, length + max_new_tokens), cfg.pad_token_id, np.int64)
+    for i, r in enumerate(rows):
+        full[i, length - len(r) : length] = r
+    # Placeholders after the prompt: any ordinary id works, the rules look only at the
+    # prompt's mask and <sop>; take one that is not special.
+    specials = {cfg.mask_token_id, cfg.smask_token_id, cfg.gmask_token_id, cfg.sop_token_id, cfg.pad_token_id}
+    filler = next(i for i in range(cfg.vocab_size) if i not in specials)
+    full[:, length:] = filler
+    inputs = prepare_inputs(full, cfg)
+    seg = inputs["segment_ids"]
+    return Batch(
+        tokens=full[:, :length].astype(np.int32),
+        positions=inputs["positions"],
+        prefix_len=inputs["prefix_len"],
+        segment_ids=None if seg is None else seg[:, :length],
+        start=np.asarray([length - len(r) for r in rows], np.int32),
+        width=longest if width is None else width,
+    )
+
+
+class Generator:
+    """Compiled prefill and decoding loop for one model and its parameters.
+
+    params: float or quantized (``glm_jax.inference.quantize``) parameters.
+    mesh: shard parameters, cache and batch over it by the logical-axis rules
+      (``glm_jax.parallel.rules``: heads and the MLP over ``model``, the batch over ``data``).
+    stop_tokens: ids that end an example (default ``<eop>`` and eos, as the authors stop).
+    """
+
+    def __init__(self, cfg: ModelConfig, params: Any, *, mesh=None, stop_tokens: Optional[Sequence[int]] = None):
+        self.cfg = cfg
+        self.model = GLM(cfg)
+        self.mesh = mesh
+        self.stop_tokens = tuple(stop_tokens) if stop_tokens is not None else tuple(sorted({cfg.eop_token_id, cfg.eos_token_id}))
+        self._param_shardings = None
+        if mesh is not None:
+            self._param_shardings = param_shardings(cfg, params, mesh)
+            params = jax.device_put(params, self._param_shardings)
+        self.params = params
+        self._compiled: dict = {}
+
+    # -- the two device programs -------------------------------------------------------
+    def _emit(self, st: State, logits: jax.Array, key: jax.Array, stops: jax.Array, s: Sampling) -> State:
+        """Choose the token of slot ``t`` from ``logits`` and write it."""
+        cfg = self.cfg
+        tok = choose(logits, st.seen, s, jax.random.fold_in(key, st.t))
+        tok = jnp.where(st.done, cfg.pad_token_id, tok)
+        tokens = lax.dynamic_update_slice_in_dim(st.tokens, tok[:, None], st.t, axis=1)
+        done = st.done | jnp.isin(tok, stops)
+        seen = st.seen.at[jnp.arange(tok.shape[0]), tok].set(True)
+        return st.replace(tokens=tokens, t=st.t + 1, done=done, seen=seen)
+
+    def _logits(self, params, hidden: jax.Array) -> jax.Array:
+        return self.model.apply({"params": params}, hidden, method=GLM.head)[:, -1]
+
+    def _prefill(self, params, tokens, positions, prefix_len, segment_ids, start, key, stops, *, s: Sampling) -> State:
+        cfg = self.cfg
+        b, length = tokens.shape
+        slots = positions.shape[-1]
+        cache = kv_cache.allocate(cfg, b, slots, start)
+        hidden, cache = self.model.apply(
+            {"params": params}, tokens, positions[..., :length], prefix_len, segment_ids, return_hidden=True, cache=cache
+        )
+        logits = self._logits(params, hidden[:, -1:])
+        buffer = jnp.full((b, slots), cfg.pad_token_id, jnp.int32).at[:, :length].set(tokens)
+        real = jnp.arange(length)[None, :] >= start[:, None]
+        seen = jnp.zeros((b, cfg.vocab_size), bool).at[jnp.arange(b)[:, None], tokens].max(real)
+        st = State(
+            tokens=buffer,
+            positions=positions,
+            cache=cache.advance(length),
+            t=jnp.asarray(length, jnp.int32),
+            done=jnp.zeros((b,), bool),
+            seen=seen,
+        )
+        return self._emit(st, logits, key, stops, s)
+
+    def _decode(self, params, st: State, key, stops, limit, *, s: Sampling) -> State:
+        def running(st: State):
+            return (st.t < limit) & ~jnp.all(st.done)
+
+        def step(st: State) -> State:
+            last = lax.dynamic_slice_in_dim(st.tokens, st.t - 1, 1, axis=1)
+            pos = lax.dynamic_slice_in_dim(st.positions, st.t - 1, 1, axis=st.positions.ndim - 1)
+            hidden, cache = self.model.apply({"params": params}, last, pos, None, return_hidden=True, cache=st.cache)
+            st = st.replace(cache=cache.advance(1))
+            return self._emit(st, self._logits(params, hidden), key, stops, s)
+
+        return lax.while_loop(running, step, st)
+
+    def _programs(self, s: Sampling, batch: Batch):
+        s = dataclasses.replace(s, seed=0)  # the key is an argument: one program for every seed
+        key = (s, batch.segment_ids is None)
+        if key in self._compiled:
+            return self._compiled[key]
+        prefill = jax.jit(lambda *a: self._prefill(*a, s=s))
+        decode = jax.jit(lambda *a: self._decode(*a, s=s), donate_argnums=(1,))
+        if self.mesh is not None:
+            st_sh = state_shardings(self.mesh, batch.positions.ndim)
+            rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            bsh = _batch_sharding(self.mesh)
+            seg = None if batch.segment_ids is None else bsh(2)
+            prefill = jax.jit(
+                lambda *a: self._prefill(*a, s=s),
+                in_shardings=(self._param_shardings, bsh(2), bsh(batch.positions.ndim), bsh(batch.prefix_len.ndim), seg, bsh(1), rep, rep),
+                out_shardings=st_sh,
+            )
+            decode = jax.jit(
+                lambda *a: self._decode(*a, s=s),
+                in_shardings=(self._param_shardings, st_sh, rep, rep, rep),
+                out_shardings=st_sh,
+                donate_argnums=(1,),
+            )
+        self._compiled[key] = (prefill, decode)
+        return prefill, decode
+
+    def _context(self):
+        import contextlib
+
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        from glm_jax.parallel import rules
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(rules.logical_axis_rules()))
+        return stack
+
+    # -- host side -------------------------------------------------------------------
+    def stream(
+        self,
+        prompts,
+        max_new_tokens: int,
+        sampling: Sampling = Sampling(),
+        *,
+        chunk: Optional[int] = None,
+        bucket: int = 1,
+        stop_tokens: Optional[Sequence[int]] = None,
+    ) -> Iterator[np.ndarray]:
+        """Yield ``[b, n]`` blocks of new tokens as they are produced (first the prefill's one
+        token, then up to ``chunk`` per block); pad follows an example's stop token."""
+        batch = layout_batch(prompts, self.cfg, max_new_tokens, bucket)
+        return self._run(batch, max_new_tokens, sampling.validate(), chunk, stop_tokens)
+
+    def generate(
+        self,
+        prompts,
+        max_new_tokens: int,
+        sampling: Sampling = Sampling(),
+        *,
+        bucket: int = 1,
+        stop_tokens: Optional[Sequence[int]] = None,
+    ) -> np.ndarray:
+        """``[b, width + max_new_tokens]``: each prompt (left-padded to the widest, or as
+        given for an array) followed by its new tokens; pad after an example's stop token.
+        ``stop_tokens`` replaces the generator's for this call."""
+        batch = layout_batch(prompts, self.cfg, max_new_tokens, bucket)
+        new = np.concatenate(list(self._run(batch, max_new_tokens, sampling.validate(), None, stop_tokens)), axis=1)
+        new = np.pad(new, ((0, 0), (0, max_new_tokens - new.shape[1])), constant_values=self.cfg.pad_token_id)
+        length = batch.tokens.shape[1]
+        return np.concatenate([batch.tokens[:, length - batch.width :], new], axis=1)
+
+    def _run(self, batch: Batch, max_new_tokens: int, s: Sampling, chunk: Optional[int], stop_tokens) -> Iterator[np.ndarray]:
+        chunk = max_new_tokens if chunk is None else chunk
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        prefill, decode = self._programs(s, batch)
+        key = jax.random.key(s.seed)
+        stops = jnp.asarray(self.stop_tokens if stop_tokens is None else list(stop_tokens), jnp.int32)
+        length = batch.tokens.shape[1]
+        end = length + max_new_tokens
+        with self._context():
+            st = prefill(self.params, batch.tokens, batch.positions, batch.prefix_len, batch.segment_ids, batch.start, key, stops)
+            t = length + 1
+            yield np.asarray(st.tokens[:, length:t])
+            while t < end and not bool(jnp.all(st.done)):
+                st = decode(self.params, st, key, stops, jnp.asarray(min(t + chunk, end), jnp.int32))
+                new_t = int(st.t)
+                yield np.asarray(st.tokens[:, t:new_t])
+                t = new_t
+
+
+def _batch_sharding(mesh) -> Callable[[int], Any]:
+    from glm_jax.parallel import rules
+
+    return lambda ndim: rules.batch_sharding(mesh, ndim)
+
+
+def state_shardings(mesh, positions_ndim: int) -> State:
+    from glm_jax.parallel import rules
+
+    bsh = _batch_sharding(mesh)
+    return State(
+        tokens=bsh(2),
+        positions=bsh(positions_ndim),
+        cache=kv_cache.sharding(mesh, decoding=True),
+        t=rules.replicated(mesh),
+        done=bsh(1),
+        seen=bsh(2),
+    )
+
+
+def param_shardings(cfg: ModelConfig, params: Any, mesh) -> Any:
+    """NamedShardings for ``params`` (float or quantized) from the model's logical axis names."""
+    from glm_jax.parallel import rules
+
+    two_d = cfg.position_encoding in ("rotary_2d", "learned_2d")
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    positions = jnp.zeros((1, 2, 1) if two_d else (1, 1), jnp.int32)
+    boxed = jax.eval_shape(lambda: GLM(cfg).init(jax.random.key(0), tokens, positions, jnp.zeros((1,), jnp.int32)))["params"]
+    specs = quantize.logical_specs(params, rules.logical_specs(boxed))
+    return rules.logical_to_sharding(specs, mesh)

@@ -1,0 +1,59 @@
+"""XLA decode attention: new Part B tokens against a KV cache with per-example lengths.
+
+The cache holds every earlier token's (post-rotary) keys and values in slots
+``[0, S)``; example b's valid slots start at ``kv_start[b]`` (left padding before it).
+The ``Lq`` new tokens sit in slots ``q_index + j`` (their own keys already written
+there). They are Part B, so token j sees every valid slot up to its own:
+
+    visible(j, k) = kv_start[b] <= k <= q_index[b] + j
+
+which is what the GLM mask (``glm_jax.model.masks``) gives a Part B query: all of Part A
+and every earlier Part B token. The arithmetic is the reference's (GLM_SPEC §1.3):
+q / (sqrt(d) * c) in the compute dtype, float32 scores, -10000 on hidden slots, * c,
+float32 softmax, probabilities cast back for the product with v. Hidden slots weigh
+exactly 0 after the softmax, as in ``kernels/reference.py``, so a cached step gives the
+full forward's numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from glm_jax.kernels.reference import MASK_VALUE
+
+
+def attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    kv_start: jax.Array,
+    q_index: jax.Array,
+    *,
+    layer_scale: Optional[jax.Array] = None,
+) -> jax.Array:
+    """q: ``[b, Lq, h, d]``; k_cache, v_cache: ``[b, S, h, d]``; kv_start: ``[b]``;
+    q_index: the slot of the first new token, a scalar or ``[b]``. Returns ``[b, Lq, h, d]``.
+
+    layer_scale: c = layer index + 1 (scalar), or None for no layer scaling.
+    """
+    b, lq, _, d = q.shape
+    slots = k_cache.shape[1]
+    if layer_scale is None:
+        q = q / jnp.asarray(math.sqrt(d), q.dtype)
+    else:
+        c = jnp.asarray(layer_scale, jnp.float32)
+        q = q / (jnp.float32(math.sqrt(d)) * c).astype(q.dtype)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+    k_pos = jnp.arange(slots, dtype=jnp.int32)[None, None, :]
+    q_pos = jnp.broadcast_to(jnp.asarray(q_index, jnp.int32), (b,))[:, None, None] + jnp.arange(lq, dtype=jnp.int32)[None, :, None]
+    start = jnp.asarray(kv_start, jnp.int32)[:, None, None]
+    visible = (k_pos >= start) & (k_pos <= q_pos)  # [b, Lq, S]
+    scores = jnp.where(visible[:, None], scores, jnp.float32(MASK_VALUE))
+    if layer_scale is not None:
+        scores = scores * c
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v_cache).astype(q.dtype)
