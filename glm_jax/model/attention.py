@@ -49,11 +49,11 @@ class Attention(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         h, nh, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         w_qkv = linear.kernel(self, "qkv_kernel", init.qkv(cfg), (h, 3, nh, hd), jnp.dtype(cfg.param_dtype))
-        qkv = linear.einsum("bld,dthk->tblhk", x, w_qkv, dtype)
+        qkv = linear.einsum("bld,dthk->blthk", x, w_qkv, dtype)
         if cfg.use_bias:
             b_qkv = self.param("qkv_bias", init.zeros(("qkv", "heads", "head_dim")), (3, nh, hd), jnp.dtype(cfg.param_dtype))
-            qkv = qkv + b_qkv.astype(dtype)[:, None, None]
-        q, k, v = qkv[0], qkv[1], qkv[2]
+            qkv = qkv + b_qkv.astype(dtype)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         axes = ("batch", "length", "act_heads", None)
         q = nn.with_logical_constraint(q, axes)
         k = nn.with_logical_constraint(k, axes)
