@@ -11,8 +11,8 @@ Presets:
                 vocab 32000) at seq 512, batch 4, bf16 compute.
 
 Each preset times ``--steps`` train steps (after one compiling step) on synthetic
-batches; after each step it times a 2048^3 matmul in float32 and in bfloat16, so steps and
-peak see the same load on a shared host. ``mfu`` = model FLOP/s of the best step over the
+batches; after each step it times 1024^3 and 2048^3 matmuls in float32 and in bfloat16, so
+steps and peak see the same load on a shared host. ``mfu`` = model FLOP/s of the best step over the
 best matmul rate of either dtype (``mfu_median_step`` uses the median step). Model FLOPs
 follow ``glm_jax.training.metrics`` (6 x matmul params + attention, no remat counted).
 """
@@ -63,21 +63,31 @@ def preset_config(name: str, overrides: Sequence[str] = ()) -> Config:
     return cfg
 
 
-def _matmul_timers(n: int = 2048):
-    """One jitted n^3 matmul per dtype, compiled; each call returns its FLOP/s."""
+def _matmul_timers(sizes: Sequence[int] = (1024, 2048)):
+    """Jitted n^3 matmuls per dtype, compiled; each timer returns the best FLOP/s of its sizes.
+
+    Several sizes, because which square matmul a CPU runs fastest varies by machine (and
+    between runs of one machine by more than between sizes); the peak is the best of all.
+    """
     import jax
     import jax.numpy as jnp
 
     timers = {}
     for dtype in ("float32", "bfloat16"):
-        a = jnp.ones((n, n), dtype)
-        f = jax.jit(lambda x: x @ x)
-        f(a).block_until_ready()
-
-        def rate(f=f, a=a):
-            t = time.perf_counter()
+        calls = []
+        for n in sizes:
+            a = jnp.ones((n, n), dtype)
+            f = jax.jit(lambda x: x @ x)
             f(a).block_until_ready()
-            return 2.0 * n**3 / (time.perf_counter() - t)
+            calls.append((n, f, a))
+
+        def rate(calls=calls):
+            best = 0.0
+            for n, f, a in calls:
+                t = time.perf_counter()
+                f(a).block_until_ready()
+                best = max(best, 2.0 * n**3 / (time.perf_counter() - t))
+            return best
 
         timers[dtype] = rate
     return timers
