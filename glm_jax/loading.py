@@ -48,7 +48,9 @@ def parse_bits(value: Bits) -> Optional[int]:
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A model config and its parameters (float or weight-only quantized), on the device(s)."""
+    """A model config and its parameters (float or weight-only quantized), on the device(s),
+    laid out for generation (``glm_jax.inference.weights``): ``config`` is the checkpoint's
+    model unrolled (``scan_layers=False``), and ``params`` match it."""
 
     config: ModelConfig
     params: Any
@@ -116,7 +118,9 @@ class LoadedModel:
             raise ConfigError(f"quantize needs int8 or int4, got {bits!r}")
         if qz.is_quantized(self.params):
             raise ConfigError("these parameters are already quantized; load the checkpoint with quantize=... instead")
-        return _placed(self.config, qz.quantize(self.params, self.config, n), self.mesh)
+        from glm_jax.inference.weights import as_float
+
+        return _placed(self.config, qz.quantize(as_float(self.params), self.config, n), self.mesh)
 
 
 def _sampling(sampling, options: dict):
@@ -134,13 +138,17 @@ def _sampling(sampling, options: dict):
 
 
 def _placed(cfg: ModelConfig, params: Any, mesh) -> LoadedModel:
+    """The parameters in the generation layout (``glm_jax.inference.weights``) on the device(s)."""
     import jax
 
+    from glm_jax.inference.weights import for_generation
+
     if mesh is None:
-        params = jax.device_put(params)
+        cfg, params = for_generation(cfg, params, place=lambda path, w: jax.device_put(w))
     else:
         from glm_jax.inference.decode import param_shardings
 
+        cfg, params = for_generation(cfg, params, mesh=mesh)
         params = jax.device_put(params, param_shardings(cfg, params, mesh))
     return LoadedModel(config=cfg, params=params, mesh=mesh)
 
@@ -173,11 +181,19 @@ def _sources(checkpoint_dir: str) -> tuple[str, str, tuple[str, ...]]:
 
 
 def stored_bits(checkpoint_dir: str) -> int:
-    """The quantization of a checkpoint converted from an INT8/INT4 release (0 if none)."""
+    """The quantization of a checkpoint converted from an INT8/INT4 release (0 if none):
+    from-hf and from-sat both record it in their source file."""
     if not os.path.isdir(os.path.join(checkpoint_dir, output.QUANTIZED)):
         return 0
-    with open(os.path.join(checkpoint_dir, output.HF_SOURCE)) as f:
-        return int(json.load(f).get("quantization_bit") or 0)
+    for name in (output.HF_SOURCE, output.SAT_SOURCE):
+        path = os.path.join(checkpoint_dir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return int(json.load(f).get("quantization_bit") or 0)
+    raise ConfigError(
+        f"{checkpoint_dir}: {output.QUANTIZED}/ holds quantized tensors but neither {output.HF_SOURCE} nor "
+        f"{output.SAT_SOURCE} says their width; reconvert the checkpoint"
+    )
 
 
 def load(checkpoint_dir: str, *, dtype: Optional[str] = None, quantize: Bits = None, mesh=None) -> LoadedModel:

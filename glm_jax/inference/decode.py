@@ -39,7 +39,7 @@ import numpy as np
 from jax import lax
 
 from glm_jax.config import ConfigError, ModelConfig
-from glm_jax.inference import kv_cache, quantize
+from glm_jax.inference import kv_cache, quantize, weights
 from glm_jax.inference.sampling import Sampling, choose
 from glm_jax.model import GLM, prepare_inputs
 
@@ -163,13 +163,17 @@ def layout_batch(prompts, cfg: ModelConfig, max_new_tokens: int, bucket: int = 1
 class Generator:
     """Compiled prefill and decoding loop for one model and its parameters.
 
-    params: float or quantized (``glm_jax.inference.quantize``) parameters.
+    params: float or quantized (``glm_jax.inference.quantize``) parameters, scanned or
+      unrolled; they are laid out for generation once (``glm_jax.inference.weights``:
+      layers unrolled, matrices in the compute dtype, compact weights on a CPU), and
+      ``self.cfg`` / ``self.params`` are the generation config and parameters.
     mesh: shard parameters, cache and batch over it by the logical-axis rules
       (``glm_jax.parallel.rules``: heads and the MLP over ``model``, the batch over ``data``).
     stop_tokens: ids that end an example (default ``<eop>`` and eos, as the authors stop).
     """
 
     def __init__(self, cfg: ModelConfig, params: Any, *, mesh=None, stop_tokens: Optional[Sequence[int]] = None):
+        cfg, params = weights.for_generation(cfg, params, mesh=mesh)
         self.cfg = cfg
         self.model = GLM(cfg)
         self.mesh = mesh
@@ -238,7 +242,7 @@ class Generator:
         prefill = jax.jit(lambda *a: self._prefill(*a, s=s))
         decode = jax.jit(lambda *a: self._decode(*a, s=s), donate_argnums=(1,))
         if self.mesh is not None:
-            st_sh = state_shardings(self.mesh, batch.positions.ndim)
+            st_sh = state_shardings(self.mesh, self.cfg, batch.positions.ndim)
             rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
             bsh = _batch_sharding(self.mesh)
             seg = None if batch.segment_ids is None else bsh(2)
@@ -328,14 +332,14 @@ def _batch_sharding(mesh) -> Callable[[int], Any]:
     return lambda ndim: rules.batch_sharding(mesh, ndim)
 
 
-def state_shardings(mesh, positions_ndim: int) -> State:
+def state_shardings(mesh, cfg: ModelConfig, positions_ndim: int) -> State:
     from glm_jax.parallel import rules
 
     bsh = _batch_sharding(mesh)
     return State(
         tokens=bsh(2),
         positions=bsh(positions_ndim),
-        cache=kv_cache.sharding(mesh, decoding=True),
+        cache=kv_cache.sharding(mesh, cfg, decoding=True),
         t=rules.replicated(mesh),
         done=bsh(1),
         seen=bsh(2),

@@ -75,20 +75,26 @@ def _build(
     params: dict, cfg: ModelConfig, bits: int, authors_rows: Callable[[layout.Entry], tuple[np.ndarray, np.ndarray]]
 ) -> dict:
     """Replace every quantized linear leaf; ``authors_rows(entry)`` gives its (weight, scale)
-    in the authors' layout (int8 ``[out, in * bits / 8]``, ``[out]``)."""
+    in the authors' layout (int8 ``[out, in * bits / 8]``, and ``[out]``, or ``[groups, out]``
+    for a weight quantized in ``groups`` contiguous column blocks with a scale each: a
+    row-parallel linear of a tensor-parallel SAT checkpoint, one block per rank)."""
     for path, group in _linear_entries(cfg).items():
         t = group[0].transform
         pt, st = packed_transform(t, bits), scale_transform(t)
-        qs, scales = [], []
+        qs, scales, groups = [], [], set()
         for e in group:
             w, s = authors_rows(e)
+            s = np.asarray(s, np.float16)
             qs.append(pt.to_ours(np.asarray(w, np.int8)))
-            scales.append(st.to_ours(np.asarray(s, np.float16)))
+            scales.append(np.stack([st.to_ours(r) for r in s]) if s.ndim == 2 else st.to_ours(s))
+            groups.add(s.shape[0] if s.ndim == 2 else 1)
+        if len(groups) != 1:
+            raise ValueError(f"{group[0].key}: layers quantized with different numbers of scale groups {sorted(groups)}")
         if cfg.scan_layers:
             q, s = np.stack(qs), np.stack(scales)
         else:
             q, s = qs[0], scales[0]
-        params = _set(params, path, QuantizedWeight(jnp.asarray(q), jnp.asarray(s), bits=bits))
+        params = _set(params, path, QuantizedWeight(jnp.asarray(q), jnp.asarray(s), bits=bits, groups=groups.pop()))
     return params
 
 
@@ -115,7 +121,8 @@ def from_authors(params: dict, cfg: ModelConfig, bits: int, tensors: Callable[[s
 
 
 def to_authors(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """(key, int8 weight, fp16 weight_scale) of every quantized linear, in the authors' layout."""
+    """(key, int8 weight, fp16 weight_scale) of every quantized linear, in the authors' layout
+    (the scale ``[groups, out]`` for a weight quantized per column block)."""
     for path, group in _linear_entries(cfg).items():
         w = _get(params, path)
         if not isinstance(w, QuantizedWeight):
@@ -125,7 +132,8 @@ def to_authors(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray
         q, s = np.asarray(w.q), np.asarray(w.scale)
         for e in group:
             idx = layout.leaf_index(e, cfg)
-            yield e.key, pt.to_authors(q[idx]), st.to_authors(s[idx])
+            scale = np.stack([st.to_authors(g) for g in s[idx]]) if w.groups > 1 else st.to_authors(s[idx])
+            yield e.key, pt.to_authors(q[idx]), scale
 
 
 def is_quantized(params: Any) -> Optional[int]:
@@ -149,7 +157,8 @@ def linear_bytes(params: Any) -> dict:
 def logical_specs(params: Any, float_specs: Any) -> Any:
     """Logical PartitionSpecs for ``params`` (some leaves quantized) from the float model's.
 
-    ``q`` is split like the float kernel; ``scale`` like the kernel's output axes.
+    ``q`` is split like the float kernel; ``scale`` like the kernel's output axes (its
+    group axis, if any, unsplit).
     """
     from jax.sharding import PartitionSpec
 
@@ -158,7 +167,7 @@ def logical_specs(params: Any, float_specs: Any) -> Any:
             return spec
         names = tuple(spec) + (None,) * (leaf.q.ndim - len(tuple(spec)))
         stacked = 1 if names and names[0] == "layers" else 0
-        scale_names = names[:stacked] + names[stacked + leaf.num_in_axes :]
-        return QuantizedWeight(PartitionSpec(*names), PartitionSpec(*scale_names), bits=leaf.bits)
+        scale_names = names[:stacked] + ((None,) if leaf.groups > 1 else ()) + names[stacked + leaf.num_in_axes :]
+        return leaf.replace(q=PartitionSpec(*names), scale=PartitionSpec(*scale_names))
 
     return jax.tree.map(one, params, float_specs, is_leaf=lambda x: isinstance(x, QuantizedWeight))

@@ -1,7 +1,10 @@
 """XLA decode attention: new Part B tokens against a KV cache with per-example lengths.
 
 The cache holds every earlier token's (post-rotary) keys and values in slots
-``[0, S)``; example b's valid slots start at ``kv_start[b]`` (left padding before it).
+``[0, S)``, keys transposed (``[b, h, d, S]``) and values ``[b, h, S, d]``
+(``glm_jax.inference.kv_cache``): both products read the cache as a batched matmul
+wants it, so no step copies or transposes the cache. Example b's valid slots start at
+``kv_start[b]`` (left padding before it).
 The ``Lq`` new tokens sit in slots ``q_index + j`` (their own keys already written
 there). They are Part B, so token j sees every valid slot up to its own:
 
@@ -35,19 +38,19 @@ def attention(
     *,
     layer_scale: Optional[jax.Array] = None,
 ) -> jax.Array:
-    """q: ``[b, Lq, h, d]``; k_cache, v_cache: ``[b, S, h, d]``; kv_start: ``[b]``;
+    """q: ``[b, Lq, h, d]``; k_cache ``[b, h, d, S]``; v_cache ``[b, h, S, d]``; kv_start: ``[b]``;
     q_index: the slot of the first new token, a scalar or ``[b]``. Returns ``[b, Lq, h, d]``.
 
     layer_scale: c = layer index + 1 (scalar), or None for no layer scaling.
     """
     b, lq, _, d = q.shape
-    slots = k_cache.shape[1]
+    slots = k_cache.shape[-1]
     if layer_scale is None:
         q = q / jnp.asarray(math.sqrt(d), q.dtype)
     else:
         c = jnp.asarray(layer_scale, jnp.float32)
         q = q / (jnp.float32(math.sqrt(d)) * c).astype(q.dtype)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bqhd,bhdk->bhqk", q, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
     k_pos = jnp.arange(slots, dtype=jnp.int32)[None, None, :]
     q_pos = jnp.broadcast_to(jnp.asarray(q_index, jnp.int32), (b,))[:, None, None] + jnp.arange(lq, dtype=jnp.int32)[None, :, None]
     start = jnp.asarray(kv_start, jnp.int32)[:, None, None]
@@ -56,4 +59,4 @@ def attention(
     if layer_scale is not None:
         scores = scores * c
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v_cache).astype(q.dtype)
+    return jnp.einsum("bhqk,bhkd->bqhd", probs, v_cache).astype(q.dtype)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from glm_jax.config import ModelConfig
-from glm_jax.model import init, masks
+from glm_jax.model import init, linear, masks
 from glm_jax.model.block import Block, layer_norm
 
 REMAT_POLICIES = {
@@ -79,7 +79,7 @@ class GLM(nn.Module):
     def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        x = jnp.take(self.word_embeddings, tokens, axis=0).astype(dtype)
+        x = linear.take(self.word_embeddings, tokens, dtype)
         if cfg.position_encoding == "learned_2d":
             x = x + jnp.take(self.position_embeddings, positions[:, 0], axis=0).astype(dtype)
             x = x + jnp.take(self.block_position_embeddings, positions[:, 1], axis=0).astype(dtype)
@@ -88,11 +88,13 @@ class GLM(nn.Module):
     def head(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits ``[b, L, vocab]`` from final hidden states (see :func:`vocab_logits`)."""
         dtype = jnp.dtype(self.cfg.dtype)
-        if self.cfg.tie_embeddings:
-            table = self.word_embeddings.astype(dtype)
+        w = self.word_embeddings if self.cfg.tie_embeddings else self.lm_head
+        if linear.is_compact(w):  # a generation-only table (glm_jax.inference.weights)
+            logits = linear.einsum("bld,vd->blv" if self.cfg.tie_embeddings else "bld,dv->blv", hidden, w, jnp.float32)
+        elif self.cfg.tie_embeddings:
+            logits = vocab_logits(hidden, w.astype(dtype))
         else:
-            table = self.lm_head.astype(dtype).T
-        logits = vocab_logits(hidden, table)
+            logits = vocab_logits(hidden, w.astype(dtype).T)
         return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
 
     def __call__(
@@ -122,7 +124,8 @@ class GLM(nn.Module):
             (x, cache), _ = self.layers((x, cache), layer_ids, positions, a_end, segment_ids)
         else:
             for i, block in enumerate(self.layers):
-                x, cache = block(x, jnp.asarray(i, jnp.int32), positions, a_end, segment_ids, cache)
+                # A Python int: a per-layer KV cache (inference/kv_cache.py) picks its buffer at trace time.
+                x, cache = block(x, i, positions, a_end, segment_ids, cache)
         x = self.final_layernorm(x)
         out = x if return_hidden else self.head(x)
         return out if cache is None else (out, cache)

@@ -60,6 +60,7 @@ def test_decode_attention_matches_reference():
         junk = jnp.asarray(rng.standard_normal((b, slots, h, d)), dtype)  # slots past the query are never seen
         k_cache = jnp.where(jnp.arange(slots)[None, :, None, None] < length, jnp.pad(k, pad), junk)
         v_cache = jnp.where(jnp.arange(slots)[None, :, None, None] < length, jnp.pad(v, pad), junk)
+        k_cache, v_cache = k_cache.transpose(0, 2, 3, 1), v_cache.transpose(0, 2, 1, 3)  # the cache's layout
         for qi in (7, 8):  # Part B queries
             got = decode.attention(q[:, qi:qi + 1], k_cache, v_cache, jnp.asarray(start), jnp.asarray(qi), layer_scale=jnp.asarray(3))
             np.testing.assert_allclose(np.asarray(got[:, 0], np.float32), np.asarray(want[:, qi], np.float32), atol=tol, rtol=0)
