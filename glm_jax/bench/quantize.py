@@ -20,13 +20,14 @@ from typing import Optional, Sequence
 from glm_jax import cli
 
 
-def held_out_loss(cfg, params, batches: list) -> float:
+def held_out_loss(model_cfg, params, batches: list) -> float:
+    """Mean Part B loss of ``params`` (laid out for ``model_cfg``, as ``glm_jax.load`` gives them)."""
     import jax
 
     from glm_jax.model import GLM
     from glm_jax.training.state import loss_sums
 
-    model = GLM(cfg.model)
+    model = GLM(model_cfg)
     step = jax.jit(lambda p, b: loss_sums(model, p, b))
     total = weight = 0.0
     for b in batches:
@@ -54,11 +55,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     batches = [stream.next(cfg.train.batch_size) for _ in range(args.batches)]
     stream.close()
     result = {"checkpoint": args.checkpoint, "batches": args.batches, "tokens": int(sum(b["loss_weights"].sum() for b in batches))}
-    base = held_out_loss(cfg, model.params, batches)
+    base = held_out_loss(model.config, model.params, batches)
     result["float"] = {"loss": base, "perplexity": math.exp(base)}
     for bits in qz.BITS[::-1]:
         params = model.quantize(bits).params
-        loss = held_out_loss(cfg, params, batches)
+        loss = held_out_loss(model.config, params, batches)
         result[f"int{bits}"] = {
             "loss": loss,
             "perplexity": math.exp(loss),
