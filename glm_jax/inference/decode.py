@@ -306,6 +306,20 @@ class Generator:
         length = batch.tokens.shape[1]
         return np.concatenate([batch.tokens[:, length - batch.width :], new], axis=1)
 
+    def compiled(self, prompts, max_new_tokens: int, sampling: Sampling = Sampling(), *, bucket: int = 1):
+        """The compiled (prefill, decoding loop) programs for these prompts, for inspection:
+        ``.as_text()`` is the optimised HLO, ``.memory_analysis()`` the temporary memory a
+        step needs beyond parameters and cache (nothing weight-sized, by construction)."""
+        batch = layout_batch(prompts, self.cfg, max_new_tokens, bucket)
+        prefill, decode = self._programs(sampling.validate(), batch)
+        key = jax.random.key(0)
+        stops = jnp.asarray(self.stop_tokens, jnp.int32)
+        args = (self.params, batch.tokens, batch.positions, batch.prefix_len, batch.segment_ids, batch.start, key, stops)
+        with self._context():
+            state = jax.eval_shape(prefill, *args)
+            limit = jnp.asarray(batch.tokens.shape[1] + max_new_tokens, jnp.int32)
+            return prefill.lower(*args).compile(), decode.lower(self.params, state, key, stops, limit).compile()
+
     def _run(self, batch: Batch, max_new_tokens: int, s: Sampling, chunk: Optional[int], stop_tokens) -> Iterator[np.ndarray]:
         chunk = max_new_tokens if chunk is None else chunk
         if chunk < 1:
