@@ -30,6 +30,14 @@ decode path reads them). The bandwidth is measured in the same run, before and a
 decoding runs of each preset, as the best of reductions and float32 matrix-vector
 products over 512 MiB (``measure_bandwidth``). ``speedup_vs_float32`` compares decode
 steps/s with the float32 row of the same preset and batch (same run, same load).
+
+With ``torch`` installed (the authors' runtime; ``--no-torch`` skips it), each preset and
+batch also times PyTorch float32 on the same CPU doing only the matrix products of one
+decoding step (``F.linear`` with the preset's four linears per layer and the head, in
+the authors' ``[out, in]`` layout): an upper bound on the authors' float32 decoding speed,
+which also runs attention, LayerNorms and Python for every layer.
+``speedup_vs_torch_float32_bound`` divides decode steps/s by that bound's steps/s, so it
+underestimates the speedup over the authors' code.
 """
 
 from __future__ import annotations
@@ -201,6 +209,42 @@ def bench_preset(name: str, args, formats: Sequence[str], batches: Sequence[int]
     return rows
 
 
+def torch_float32_bound(cfg: ModelConfig, batch: int, repeats: int = 3) -> Optional[float]:
+    """Steps/s of PyTorch float32 doing only one decoding step's matrix products (see the
+    module doc), or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    import torch.nn.functional as F
+
+    h, f, v = cfg.hidden_size, cfg.mlp_dim, cfg.vocab_size
+    inner = 2 * f if cfg.mlp_type == "geglu" else f
+    gen = torch.Generator().manual_seed(0)
+    layer = [torch.randn(3 * h, h, generator=gen), torch.randn(h, h, generator=gen),
+             torch.randn(inner, h, generator=gen), torch.randn(h, f, generator=gen)]
+    layers = [layer] + [[w.clone() for w in layer] for _ in range(cfg.num_layers - 1)]  # distinct memory per layer
+    head = torch.randn(v, h, generator=gen)
+    x, x_f = torch.randn(batch, h, generator=gen), torch.randn(batch, f, generator=gen)
+
+    def step():
+        with torch.no_grad():
+            for qkv, dense, up, down in layers:
+                F.linear(x, qkv)
+                F.linear(x, dense)
+                F.linear(x, up)
+                F.linear(x_f, down)
+            F.linear(x, head)
+
+    step()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - t)
+    return 1.0 / best
+
+
 def _list(value: str, valid: Sequence, what: str, cast=str) -> list:
     items = [cast(v) for v in value.split(",") if v]
     bad = [v for v in items if v not in valid]
@@ -223,6 +267,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--chunk", type=int, default=None, help="decoding steps per timed chunk (default 4 for chatglm-6b-2l on a CPU, else 16)")
     parser.add_argument("--chunks", type=int, default=3, help="timed chunks per run (default 3)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs after the compiling one (default 1)")
+    parser.add_argument("--no-torch", dest="torch", action="store_false",
+                        help="skip the PyTorch float32 matrix-product bound (run when torch is installed and the backend is a CPU)")
     args = parser.parse_args(argv)
     presets = PRESETS if args.preset == "all" else (args.preset,)
     for p in presets:
@@ -236,13 +282,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     backend = jax.default_backend()
     formats = _list(args.weights, WEIGHTS, "weights") if args.weights else [w for w in WEIGHTS if backend == "cpu" or w != "float32"]
     probes = [measure_bandwidth()]
-    rows = []
+    rows, torch_bound = [], {}
     for p in presets:
         a = argparse.Namespace(**vars(args))
         if a.chunk is None:
             a.chunk = 4 if (p == "chatglm-6b-2l" and backend == "cpu") else 16
         rows.extend(bench_preset(p, a, formats, batches))
         probes.append(measure_bandwidth())
+        if args.torch and backend == "cpu":
+            for b in batches:
+                print(f"bench decode: {p} torch float32 bound, batch {b}", file=sys.stderr, flush=True)
+                torch_bound[(p, b)] = torch_float32_bound(preset_model(p, "float32"), b)
     bandwidth = max(v for probe in probes for v in probe.values())
     base = {(r["preset"], r["batch"]): r["decode_steps_per_s"] for r in rows if r["weights"] == "float32"}
     for r in rows:
@@ -250,11 +300,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         r["bandwidth_utilisation"] = (r["weight_bytes"] + r["cache_bytes"]) * r["decode_steps_per_s"] / bandwidth
         ref = base.get((r["preset"], r["batch"]))
         r["speedup_vs_float32"] = r["decode_steps_per_s"] / ref if ref else None
+        bound = torch_bound.get((r["preset"], r["batch"]))
+        r["torch_float32_bound_steps_per_s"] = bound
+        r["speedup_vs_torch_float32_bound"] = r["decode_steps_per_s"] / bound if bound else None
         print(
             f"{r['preset']:>14} {r['weights']:>8} b={r['batch']}: prefill {r['prefill_tokens_per_s']:,.0f} tok/s, "
             f"decode {r['decode_tokens_per_s']:,.1f} tok/s, weights {r['weight_bytes'] / 2**20:,.1f} MiB/step, "
             f"{100 * r['weight_bandwidth_utilisation']:.0f}% of bandwidth ({100 * r['bandwidth_utilisation']:.0f}% with the cache)"
-            + (f", {r['speedup_vs_float32']:.2f}x float32" if ref else ""),
+            + (f", {r['speedup_vs_float32']:.2f}x float32" if ref else "")
+            + (f", {r['speedup_vs_torch_float32_bound']:.2f}x torch float32 matmuls" if bound else ""),
             file=sys.stderr,
         )
     result = {
