@@ -215,8 +215,9 @@ def _matrix_form(spec: str, x_shape, w_shape) -> tuple[int, int, int, bool, tupl
 
 
 def _block_rows(rows: int, row_size: int) -> int:
-    """Rows per block: a power of two with a block under STREAM_BLOCK_ELEMENTS (the rows
-    that do not fill a last block are multiplied on their own, see :func:`_split_tail`)."""
+    """Rows per block: the largest power of two (at most ``rows``) whose block holds no more
+    than STREAM_BLOCK_ELEMENTS; the rows that do not fill a last block are multiplied on
+    their own."""
     r = 1
     while r * 2 * row_size <= STREAM_BLOCK_ELEMENTS and r * 2 <= rows:
         r *= 2
@@ -320,7 +321,7 @@ def bf16_bits(w) -> Bf16Bits:
 
 
 def map_compact(fn: Callable[[jax.Array], jax.Array], w: Weight) -> Weight:
-    """Apply ``fn`` to each array of a weight (slicing a stacked layer, placing on a device)."""
+    """Apply ``fn`` to each array of a weight (e.g. take one layer of a stacked weight)."""
     if isinstance(w, QuantizedWeight):
         return w.replace(q=fn(w.q), scale=fn(w.scale))
     if isinstance(w, Bf16Bits):
