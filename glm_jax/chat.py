@@ -21,6 +21,9 @@ from glm_jax.inference.sampling import CHATGLM_CHAT
 from glm_jax.inference.text import chat_prompt
 
 STREAM_CHUNK = 4  # tokens per device call while streaming
+# The prompt (history + query) grows every round; left-padded to a multiple of this, rounds
+# share a compiled program instead of compiling one per length (seconds for a deep model).
+PROMPT_BUCKET = 64
 
 
 def parse_args(argv):
@@ -76,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             say(f"(dropped the {dropped} oldest round(s) to fit {model.config.max_seq_len} tokens)")
         if not args.quiet:
             print("ChatGLM：", end="", file=sys.stderr, flush=True)
-        shown, _ = cli.stream_answer(model, text, ids, budget, sampling, chunk=STREAM_CHUNK, out=sys.stdout)
+        shown, _ = cli.stream_answer(model, text, ids, budget, sampling, chunk=STREAM_CHUNK, bucket=PROMPT_BUCKET, out=sys.stdout)
         history.append((query, shown))
 
 

@@ -90,18 +90,20 @@ class LoadedModel:
             self._generator = Generator(self.config, self.params, mesh=self.mesh)
         return self._generator
 
-    def generate(self, input_ids, max_new_tokens: int = 32, sampling=None, **options) -> np.ndarray:
+    def generate(self, input_ids, max_new_tokens: int = 32, sampling=None, *, bucket: int = 1, **options) -> np.ndarray:
         """``[batch, seq]`` prompt ids (``text [gMASK] <sop>``, left-padded with pad_token_id;
         a list of rows of different lengths is padded for you) -> the prompts followed by
         ``max_new_tokens`` new ids, greedy unless ``sampling`` (a
         ``glm_jax.inference.sampling.Sampling``) or its fields (``greedy=False,
         temperature=, top_k=, top_p=, repetition_penalty=, seed=``) say otherwise. An example
-        stops at ``<eop>`` or eos; pad fills the rest of its row."""
-        return self.generator.generate(input_ids, max_new_tokens, _sampling(sampling, options))
+        stops at ``<eop>`` or eos; pad fills the rest of its row. ``bucket`` left-pads the
+        prompts to a multiple of it, so that prompts of nearby lengths share one compiled
+        program (the padding changes no token)."""
+        return self.generator.generate(input_ids, max_new_tokens, _sampling(sampling, options), bucket=bucket)
 
-    def stream(self, input_ids, max_new_tokens: int = 32, sampling=None, *, chunk: int = 8, **options):
+    def stream(self, input_ids, max_new_tokens: int = 32, sampling=None, *, chunk: int = 8, bucket: int = 1, **options):
         """Like :meth:`generate`, yielding ``[batch, n]`` blocks of new ids as they are produced."""
-        return self.generator.stream(input_ids, max_new_tokens, _sampling(sampling, options), chunk=chunk)
+        return self.generator.stream(input_ids, max_new_tokens, _sampling(sampling, options), chunk=chunk, bucket=bucket)
 
     def fill_blanks(self, rows: Sequence[Sequence[int]], max_new_tokens: int = 32, sampling=None, **options):
         """GLM-130B's blank filling (GLM_SPEC §1.6); see ``glm_jax.inference.blanks``."""

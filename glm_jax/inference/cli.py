@@ -102,15 +102,17 @@ def load_model_and_text(args):
     return model, PromptText(GLMVocabulary(path, cfg, offset))
 
 
-def stream_answer(model, text, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, *, chunk: int = 4, out=None):
+def stream_answer(model, text, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, *, chunk: int = 4,
+                  bucket: int = 1, out=None):
     """Generate for one prompt, writing the answer's text to ``out`` as it grows (nothing
-    if None). Returns (answer text, answer ids without the stop token)."""
+    if None). Returns (answer text, answer ids without the stop token). ``bucket``: see
+    ``LoadedModel.generate``."""
     from glm_jax.inference.text import until_stop
 
     stops = model.generator.stop_tokens
     ids: list[int] = []
     shown = ""
-    for block in model.stream([prompt_ids], max_new_tokens, sampling, chunk=chunk):
+    for block in model.stream([prompt_ids], max_new_tokens, sampling, chunk=chunk, bucket=bucket):
         ids.extend(int(t) for t in block[0])
         now = text.decode(until_stop(ids, stops))
         if out is not None:
