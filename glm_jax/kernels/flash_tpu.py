@@ -1,0 +1,326 @@
+"""Mosaic (TPU) lowering of the GLM flash-attention kernels: forward, dQ and dK/dV.
+
+Grid ``(batch, heads, blocks, steps)``. Per held block the visited blocks of the other side
+are one contiguous range (``glm_jax.kernels.block_mask``), scalar-prefetched into SMEM.
+Step t of a held block works on block ``lo + t`` while ``lo + t < hi``; later steps map to
+block ``hi - 1`` again, so the pipeline issues no copy for them (an unchanged block index
+is not re-fetched) and ``pl.when`` skips their compute: empty blocks cost neither loads nor
+FLOPs, only the grid step itself. Blocks inside the fully visible range skip the mask.
+
+Layouts: with head_dim a multiple of 128, q/k/v stay ``[batch, length, heads*head_dim]``
+(a free reshape; a head is a lane-aligned column block). Otherwise they are transposed to
+``[batch, heads, length, head_dim]``. Row statistics (log-sum-exp, delta) and per-query
+integers are lane-broadcast ``[..., length, 128]``; per-key segment ids are ``[b, 1, length]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from glm_jax.kernels import flash_common as fc
+from glm_jax.kernels.block_mask import TokenMask
+
+LANES = 128
+SUBLANES = 8
+NAME = "mosaic"
+MIN_BLOCK = LANES  # key blocks fill whole lanes; query blocks are multiples too
+
+
+def default_blocks(head_dim: int) -> tuple[int, int, int, int]:
+    """(q, kv, q_bwd, kv_bwd): 512 keeps the MXU busy and per-step overhead small while the
+    float32 score block (512 x 512 x 4 B = 1 MiB) and buffers stay well inside VMEM."""
+    return (512, 512, 512, 512) if head_dim <= 128 else (512, 512, 256, 256)
+
+
+def check_head_dim(head_dim: int) -> None:
+    """Any head_dim lowers (a multiple of 128 without a transpose); no check needed."""
+
+
+def visited_block(ranges_ref, b, held, step, n_held):
+    """Block visited at ``step`` of held block ``held``: the index maps' and kernels' rule.
+    ``ranges_ref`` is the flat ``[batch * n_held * 4]`` range table (SMEM ref or array)."""
+    base = (b * n_held + held) * 4
+    return jnp.minimum(ranges_ref[base] + step, ranges_ref[base + 1] - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    heads: int
+    head_dim: int
+
+    @property
+    def fused(self) -> bool:
+        return self.head_dim % LANES == 0
+
+    def to_kernel(self, x: jax.Array) -> jax.Array:
+        b, n, h, d = x.shape
+        return x.reshape(b, n, h * d) if self.fused else x.transpose(0, 2, 1, 3)
+
+    def from_kernel(self, x: jax.Array) -> jax.Array:
+        if self.fused:
+            b, n, _ = x.shape
+            return x.reshape(b, n, self.heads, self.head_dim)
+        return x.transpose(0, 2, 1, 3)
+
+    def spec(self, block: int, seq_index) -> pl.BlockSpec:
+        d = self.head_dim
+        if self.fused:
+            return pl.BlockSpec((None, block, d), lambda b, h, i, j, *r: (b, seq_index(b, h, i, j, *r), h))
+        return pl.BlockSpec((None, None, block, d), lambda b, h, i, j, *r: (b, h, seq_index(b, h, i, j, *r), 0))
+
+    def row_sum(self, x: jax.Array) -> jax.Array:
+        """Sum over head_dim of a kernel-layout array -> ``[batch, heads, length]``."""
+        if self.fused:
+            b, n, _ = x.shape
+            return x.reshape(b, n, self.heads, self.head_dim).sum(-1).transpose(0, 2, 1)
+        return x.sum(-1)
+
+
+def prepare(tm: TokenMask) -> tuple:
+    """Kernel inputs from the per-token mask: lim and seg lane-broadcast per query, seg per key."""
+    b, n = tm.lim.shape
+    lanes = lambda x: jnp.broadcast_to(x[:, :, None], (b, n, LANES))
+    return lanes(tm.lim), lanes(tm.seg), tm.seg[:, None, :]
+
+
+def _lanes(x: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(x[..., None], (*x.shape, LANES))
+
+
+def _mask(rows_ref_lim, rows_ref_seg, cols_ref_seg, col0, shape):
+    cols = col0 + lax.broadcasted_iota(jnp.int32, shape, 1)
+    return fc.visible(cols, rows_ref_lim[...][:, :1], rows_ref_seg[...][:, :1], cols_ref_seg[...])
+
+
+def _steps(ranges_ref, b, held, step, n_held, body):
+    """Run ``body(block, masked)`` for this step if it visits a block."""
+    base = (b * n_held + held) * 4
+    blk = ranges_ref[base] + step
+    active = blk < ranges_ref[base + 1]
+    full = (ranges_ref[base + 2] <= blk) & (blk < ranges_ref[base + 3])
+
+    @pl.when(active & full)
+    def _():
+        body(blk, False)
+
+    @pl.when(active & jnp.logical_not(full))
+    def _():
+        body(blk, True)
+
+    return active
+
+
+def _count(count_ref, step, active):
+    if count_ref is None:
+        return
+
+    @pl.when(step == 0)
+    def _():
+        count_ref[...] = jnp.zeros(count_ref.shape, jnp.int32)
+
+    @pl.when(active)
+    def _():
+        count_ref[...] += 1
+
+
+# ---------------------------------------------------------------------------
+# Forward.
+
+
+def _fwd_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, lim_ref, segq_ref, segk_ref, *refs, st, nq, save_lse):
+    o_ref, refs = refs[0], refs[1:]
+    lse_ref, refs = (refs[0], refs[1:]) if save_lse else (None, refs)
+    count_ref, refs = (refs[0], refs[1:]) if st.count_visits else (None, refs)
+    m_scr, l_scr, acc_scr = refs
+    b, h, i, j = (pl.program_id(a) for a in range(4))
+    bq, bk = st.block_q, st.block_kv
+    dparams = tuple(dparams_ref[x] for x in range(4))
+
+    @pl.when(j == 0)
+    def _():
+        m_scr[...] = jnp.full(m_scr.shape, fc.M_FLOOR, jnp.float32)
+        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+    def body(blk, masked):
+        q, k, v = q_ref[...], k_ref[...], v_ref[...]
+        s = fc.scores(q, k, scale_ref[0])
+        if masked:
+            s = fc.hide(s, _mask(lim_ref, segq_ref, segk_ref, blk * bk, s.shape))
+        m, l, alpha, p = fc.online_softmax(m_scr[...][:, :1], l_scr[...][:, :1], s)
+        keep = fc.dropout_keep(st, dparams, b, h, i * bq, blk * bk, s.shape)
+        acc_scr[...] = acc_scr[...] * alpha + fc.matmul(fc.drop(p, keep), v)
+        m_scr[...] = jnp.broadcast_to(m, m_scr.shape)
+        l_scr[...] = jnp.broadcast_to(l, l_scr.shape)
+
+    active = _steps(ranges_ref, b, i, j, nq, body)
+    _count(count_ref, j, active)
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _():
+        l = l_scr[...][:, :1]
+        o_ref[...] = (acc_scr[...] * (st.dropout_scale / l)).astype(o_ref.dtype)
+        if lse_ref is not None:
+            lse_ref[...] = jnp.broadcast_to(m_scr[...][:, :1] + jnp.log(l), lse_ref.shape)
+
+
+def _call(kernel, name: str, st: fc.Static, grid, in_specs, outs, scratch, ranges, dparams, args):
+    """One pallas_call with the range table and dropout words scalar-prefetched.
+    outs: (ShapeDtypeStruct, BlockSpec) pairs; with ``count_visits`` a visit counter per
+    held block is appended and returned separately as ``[batch, heads, held blocks]``."""
+    shapes, specs = [s for s, _ in outs], [p for _, p in outs]
+    if st.count_visits:
+        shapes.append(jax.ShapeDtypeStruct((*grid[:3], SUBLANES, LANES), jnp.int32))
+        specs.append(pl.BlockSpec((None, None, None, SUBLANES, LANES), lambda b, h, i, j, *r: (b, h, i, 0, 0)))
+    results = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=grid, in_specs=in_specs, out_specs=specs, scratch_shapes=scratch
+        ),
+        out_shape=shapes,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=st.interpret,
+        name=name,
+    )(ranges.reshape(-1), dparams, *args)
+    results = list(results)
+    counts = results.pop()[..., 0, 0] if st.count_visits else None
+    return results, counts
+
+
+def _specs(layout: Layout, bq: int, bk: int, q_idx, kv_idx):
+    """Block specs of the kernels' common inputs, given which query / key block a step holds."""
+    lanes = lambda block, idx: pl.BlockSpec((None, block, LANES), lambda b, h, i, j, *r: (b, idx(b, h, i, j, *r), 0))
+    return dict(
+        scale=pl.BlockSpec(memory_space=pltpu.SMEM),
+        q=layout.spec(bq, q_idx),
+        kv=layout.spec(bk, kv_idx),
+        row=pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, *r: (b, h, q_idx(b, h, i, j, *r), 0)),
+        qside=lanes(bq, q_idx),
+        kside=pl.BlockSpec((None, 1, bk), lambda b, h, i, j, *r: (b, 0, kv_idx(b, h, i, j, *r))),
+    )
+
+
+def _held(b, h, i, j, *refs):
+    return i
+
+
+def _walker(n_held: int):
+    def index(b, h, i, j, ranges_ref, dparams_ref):
+        return visited_block(ranges_ref, b, i, j, n_held)
+
+    return index
+
+
+def forward(st: fc.Static, layout: Layout, q, k, v, tok, ranges, dparams, scale, *, save_lse: bool):
+    """o (kernel layout), compact lse ``[b, h, L]`` or None, visit counts ``[b, h, nq]`` or None."""
+    b = q.shape[0]
+    bq, bk, n = st.block_q, st.block_kv, st.padded
+    nq, nk = n // bq, n // bk
+    sp = _specs(layout, bq, bk, _held, _walker(nq))
+    outs = [(jax.ShapeDtypeStruct(q.shape, q.dtype), sp["q"])]
+    if save_lse:
+        outs.append((jax.ShapeDtypeStruct((b, layout.heads, n, LANES), jnp.float32), sp["row"]))
+    scratch = [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, layout.head_dim), jnp.float32)]
+    results, counts = _call(
+        functools.partial(_fwd_kernel, st=st, nq=nq, save_lse=save_lse), "glm_flash_fwd", st, (b, layout.heads, nq, nk),
+        [sp["scale"], sp["q"], sp["kv"], sp["kv"], sp["qside"], sp["qside"], sp["kside"]], outs, scratch,
+        ranges, dparams, (scale.reshape(1), q, k, v, *tok),
+    )
+    lse = results[1][..., 0] if save_lse else None
+    return results[0], lse, counts
+
+
+# ---------------------------------------------------------------------------
+# Backward: dQ (hold a query block, walk key blocks) and dK/dV (hold a key block, walk queries).
+
+
+def _bwd_block(st: fc.Static, refs, b, h, qblk, kblk, masked):
+    """(q, do, p_dropped, ds) of one block, from the backward kernels' twelve input refs."""
+    _, dparams_ref, scale_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lim_ref, segq_ref, segk_ref = refs
+    bq, bk = st.block_q_bwd, st.block_kv_bwd
+    q, do = q_ref[...], do_ref[...]
+    mask = _mask(lim_ref, segq_ref, segk_ref, kblk * bk, (bq, bk)) if masked else None
+    keep = fc.dropout_keep(st, tuple(dparams_ref[x] for x in range(4)), b, h, qblk * bq, kblk * bk, (bq, bk))
+    p, ds = fc.bwd_block(st, q, k_ref[...], v_ref[...], do, lse_ref[...][:, :1], delta_ref[...][:, :1], scale_ref[0], mask, keep)
+    return q, do, p, ds
+
+
+def _dq_kernel(*refs, st, nq):
+    ins, (dq_ref, *rest) = refs[:12], refs[12:]
+    count_ref, (acc_scr,) = (rest[0], rest[1:]) if st.count_visits else (None, rest)
+    b, h, i, j = (pl.program_id(a) for a in range(4))
+
+    @pl.when(j == 0)
+    def _():
+        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+    def body(blk, masked):
+        _, _, _, ds = _bwd_block(st, ins, b, h, i, blk, masked)
+        acc_scr[...] += fc.matmul(ds, ins[4][...])
+
+    active = _steps(ins[0], b, i, j, nq, body)
+    _count(count_ref, j, active)
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _():
+        dq_ref[...] = acc_scr[...].astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, st, nk):
+    ins, (dk_ref, dv_ref, *rest) = refs[:12], refs[12:]
+    count_ref, (dk_scr, dv_scr) = (rest[0], rest[1:]) if st.count_visits else (None, rest)
+    b, h, j, t = (pl.program_id(a) for a in range(4))
+
+    @pl.when(t == 0)
+    def _():
+        dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
+        dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+
+    def body(qblk, masked):
+        q, do, p, ds = _bwd_block(st, ins, b, h, qblk, j, masked)
+        dv_scr[...] += fc.matmul(p, do, fc.TN)
+        dk_scr[...] += fc.matmul(ds, q, fc.TN)
+
+    active = _steps(ins[0], b, j, t, nk, body)
+    _count(count_ref, t, active)
+
+    @pl.when(t == pl.num_programs(3) - 1)
+    def _():
+        dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
+        dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+
+def backward(st: fc.Static, layout: Layout, q, k, v, o, lse, do, tok, dq_ranges, dkv_ranges, dparams, scale):
+    """(dq, dk, dv) in kernel layout, and visit counts (dq, dkv) or None."""
+    b = q.shape[0]
+    bq, bk, n = st.block_q_bwd, st.block_kv_bwd, st.padded
+    nq, nk = n // bq, n // bk
+    delta = _lanes(layout.row_sum(do.astype(jnp.float32) * o.astype(jnp.float32)))
+    args = (scale.reshape(1), q, k, v, do, _lanes(lse), delta, *tok)
+
+    def inputs(sp):
+        return [sp["scale"], sp["q"], sp["kv"], sp["kv"], sp["q"], sp["row"], sp["row"], sp["qside"], sp["qside"], sp["kside"]]
+
+    # dQ: hold query block i, walk key blocks.
+    sp = _specs(layout, bq, bk, _held, _walker(nq))
+    (dq,), dq_counts = _call(
+        functools.partial(_dq_kernel, st=st, nq=nq), "glm_flash_dq", st, (b, layout.heads, nq, nk), inputs(sp),
+        [(jax.ShapeDtypeStruct(q.shape, q.dtype), sp["q"])], [pltpu.VMEM((bq, layout.head_dim), jnp.float32)],
+        dq_ranges, dparams, args,
+    )
+    # dK/dV: hold key block j, walk query blocks.
+    sp = _specs(layout, bq, bk, _walker(nk), _held)
+    (dk, dv), dkv_counts = _call(
+        functools.partial(_dkv_kernel, st=st, nk=nk), "glm_flash_dkv", st, (b, layout.heads, nk, nq), inputs(sp),
+        [(jax.ShapeDtypeStruct(k.shape, k.dtype), sp["kv"]), (jax.ShapeDtypeStruct(v.shape, v.dtype), sp["kv"])],
+        [pltpu.VMEM((bk, layout.head_dim), jnp.float32), pltpu.VMEM((bk, layout.head_dim), jnp.float32)],
+        dkv_ranges, dparams, args,
+    )
+    return dq, dk, dv, (dq_counts, dkv_counts) if st.count_visits else None
