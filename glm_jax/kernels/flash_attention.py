@@ -44,6 +44,11 @@ class BlockSizes:
     q_bwd: int = 0
     kv_bwd: int = 0
 
+    @classmethod
+    def from_config(cls, cfg) -> "BlockSizes":
+        """From a ``ModelConfig``'s ``attention_block_*`` fields."""
+        return cls(cfg.attention_block_q, cfg.attention_block_kv, cfg.attention_block_q_bwd, cfg.attention_block_kv_bwd)
+
     def validate(self, what: str = "block_sizes") -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
