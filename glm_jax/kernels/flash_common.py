@@ -66,10 +66,11 @@ def scores(q: jax.Array, k: jax.Array, scale: jax.Array) -> jax.Array:
     return matmul(q, k, NT) * scale
 
 
-def visible(cols: jax.Array, lim_q: jax.Array, seg_q: jax.Array, seg_k: jax.Array) -> jax.Array:
-    """GLM's rule on a block: key column k is visible to row q iff same segment and k < lim[q].
-    lim_q, seg_q broadcast along columns; seg_k along rows; cols holds absolute key indices."""
-    return (cols < lim_q) & (seg_q == seg_k)
+def visible(keys: jax.Array, lim_q: jax.Array, seg_q: jax.Array, seg_k: jax.Array) -> jax.Array:
+    """GLM's rule on a block: key k is visible to query q iff same segment and k < lim[q].
+    Arguments broadcast against each other: ``keys`` holds absolute key indices, the
+    query-side values vary along the query axis and ``seg_k`` along the key axis."""
+    return (keys < lim_q) & (seg_q == seg_k)
 
 
 def hide(s: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
@@ -85,16 +86,17 @@ def online_softmax(m_prev: jax.Array, l_prev: jax.Array, s: jax.Array):
     return m_next, l_next, alpha, p
 
 
-def dropout_keep(st: Static, dparams, b, h, row0, col0, shape) -> Optional[jax.Array]:
-    """The reference's keep mask for rows row0.. and columns col0.. of (global) batch b + offset,
-    head h + offset. dparams = (key0, key1, batch_offset, head_offset) int32 scalars."""
+def dropout_keep(st: Static, dparams, b, h, q0, k0, shape, *, keys_on_rows: bool = False) -> Optional[jax.Array]:
+    """The reference's keep mask for queries q0.. and keys k0.. of (global) batch b + offset,
+    head h + offset; a ``[queries, keys]`` block, or ``[keys, queries]`` with keys_on_rows.
+    dparams = (key0, key1, batch_offset, head_offset) int32 scalars."""
     if not st.dropout:
         return None
     key0, key1, b_off, h_off = dparams
-    base_hi, base_lo = dropout_hash.row_base(b_off + b, h_off + h, row0, st.heads, st.length)
-    rows = lax.broadcasted_iota(jnp.int32, shape, 0)
-    cols = lax.broadcasted_iota(jnp.int32, shape, 1)
-    offsets = rows * st.length + (cols + col0)
+    base_hi, base_lo = dropout_hash.row_base(b_off + b, h_off + h, q0, st.heads, st.length)
+    queries = lax.broadcasted_iota(jnp.int32, shape, 1 if keys_on_rows else 0)
+    keys = lax.broadcasted_iota(jnp.int32, shape, 0 if keys_on_rows else 1)
+    offsets = queries * st.length + (keys + k0)
     return dropout_hash.keep_block(key0, key1, base_hi, base_lo, offsets, st.dropout_threshold)
 
 
@@ -102,14 +104,16 @@ def drop(x: jax.Array, keep: Optional[jax.Array]) -> jax.Array:
     return x if keep is None else jnp.where(keep, x, 0.0)
 
 
-def bwd_block(st: Static, q, k, v, do, lse, delta, scale, mask, keep):
-    """Gradient pieces of one block: (p_dropped, ds) with ds = dL/d(q_s . k) (scale folded in).
+def bwd_block(st: Static, a, b, da, db, lse, delta, scale, mask, keep):
+    """Gradient pieces of one block: (p_dropped, ds), ds = dL/d(a . b^T) with the scale folded in.
 
-    lse, delta: ``[rows, 1]`` float32. p_dropped feeds dV; ds feeds dQ and dK.
+    Query rows: a, b, da, db = q, k, dO, v (lse, delta ``[rows, 1]``). Key rows (the
+    transposed block): a, b, da, db = k, q, v, dO (lse, delta ``[1, cols]``). p_dropped
+    feeds dV, ds feeds dQ and dK.
     """
-    s = hide(scores(q, k, scale), mask)
+    s = hide(scores(a, b, scale), mask)
     p = jnp.exp(s - lse)
-    dp = matmul(do, v, NT)
+    dp = matmul(da, db, NT)
     if keep is not None:
         dp = jnp.where(keep, dp * st.dropout_scale, 0.0)
         p_dropped = jnp.where(keep, p * st.dropout_scale, 0.0)

@@ -194,7 +194,7 @@ def _dq_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, do_ref, 
             cols = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
             mask = fc.visible(cols, lim, segq, segk_ref[pl.ds(start, bk)][None, :])
         keep = fc.dropout_keep(st, dparams, b, h, i * bq, start, (bq, bk))
-        _, ds = fc.bwd_block(st, q, k, v, do, lse, delta, scale, mask, keep)
+        _, ds = fc.bwd_block(st, q, k, do, v, lse, delta, scale, mask, keep)
         return (acc + fc.matmul(ds, k),)
 
     carry = (jnp.zeros(q.shape, jnp.float32),) + ((jnp.int32(0),) if st.count_visits else ())
@@ -223,7 +223,7 @@ def _dkv_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, do_ref,
         if masked:
             mask = fc.visible(cols, lim_ref[pl.ds(start, bq)][:, None], segq_ref[pl.ds(start, bq)][:, None], segk)
         keep = fc.dropout_keep(st, dparams, b, h, start, j * bk, (bq, bk))
-        p, ds = fc.bwd_block(st, q, k, v, do, lse, delta, scale, mask, keep)
+        p, ds = fc.bwd_block(st, q, k, do, v, lse, delta, scale, mask, keep)
         return dk + fc.matmul(ds, q, fc.TN), dv + fc.matmul(p, do, fc.TN)
 
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)) + ((jnp.int32(0),) if st.count_visits else ())

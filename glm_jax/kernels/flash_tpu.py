@@ -84,19 +84,25 @@ class Layout:
 
 
 def prepare(tm: TokenMask) -> tuple:
-    """Kernel inputs from the per-token mask: lim and seg lane-broadcast per query, seg per key."""
-    b, n = tm.lim.shape
-    lanes = lambda x: jnp.broadcast_to(x[:, :, None], (b, n, LANES))
-    return lanes(tm.lim), lanes(tm.seg), tm.seg[:, None, :]
+    """Kernel inputs from the per-token mask: lim and seg lane-broadcast ``[b, L, 128]`` (for
+    a held block's tokens, one per row) and as rows ``[b, 1, L]`` (for visited blocks)."""
+    return _lanes(tm.lim), _lanes(tm.seg), tm.lim[:, None, :], tm.seg[:, None, :]
 
 
 def _lanes(x: jax.Array) -> jax.Array:
     return jnp.broadcast_to(x[..., None], (*x.shape, LANES))
 
 
-def _mask(rows_ref_lim, rows_ref_seg, cols_ref_seg, col0, shape):
-    cols = col0 + lax.broadcasted_iota(jnp.int32, shape, 1)
-    return fc.visible(cols, rows_ref_lim[...][:, :1], rows_ref_seg[...][:, :1], cols_ref_seg[...])
+def _query_mask(lim_lanes, seg_lanes, segk_row, k0, shape):
+    """[queries, keys] block held by query: query data lane-broadcast, key ids a row."""
+    keys = k0 + lax.broadcasted_iota(jnp.int32, shape, 1)
+    return fc.visible(keys, lim_lanes[...][:, :1], seg_lanes[...][:, :1], segk_row[...])
+
+
+def _key_mask(limq_row, segq_row, segk_lanes, k0, shape):
+    """[keys, queries] block held by key: key ids lane-broadcast, query data rows."""
+    keys = k0 + lax.broadcasted_iota(jnp.int32, shape, 0)
+    return fc.visible(keys, limq_row[...], segq_row[...], segk_lanes[...][:, :1])
 
 
 def _steps(ranges_ref, b, held, step, n_held, body):
@@ -153,7 +159,7 @@ def _fwd_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, lim_ref
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         s = fc.scores(q, k, scale_ref[0])
         if masked:
-            s = fc.hide(s, _mask(lim_ref, segq_ref, segk_ref, blk * bk, s.shape))
+            s = fc.hide(s, _query_mask(lim_ref, segq_ref, segk_ref, blk * bk, s.shape))
         m, l, alpha, p = fc.online_softmax(m_scr[...][:, :1], l_scr[...][:, :1], s)
         keep = fc.dropout_keep(st, dparams, b, h, i * bq, blk * bk, s.shape)
         acc_scr[...] = acc_scr[...] * alpha + fc.matmul(fc.drop(p, keep), v)
@@ -194,19 +200,6 @@ def _call(kernel, name: str, st: fc.Static, grid, in_specs, outs, scratch, range
     return results, counts
 
 
-def _specs(layout: Layout, bq: int, bk: int, q_idx, kv_idx):
-    """Block specs of the kernels' common inputs, given which query / key block a step holds."""
-    lanes = lambda block, idx: pl.BlockSpec((None, block, LANES), lambda b, h, i, j, *r: (b, idx(b, h, i, j, *r), 0))
-    return dict(
-        scale=pl.BlockSpec(memory_space=pltpu.SMEM),
-        q=layout.spec(bq, q_idx),
-        kv=layout.spec(bk, kv_idx),
-        row=pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, *r: (b, h, q_idx(b, h, i, j, *r), 0)),
-        qside=lanes(bq, q_idx),
-        kside=pl.BlockSpec((None, 1, bk), lambda b, h, i, j, *r: (b, 0, kv_idx(b, h, i, j, *r))),
-    )
-
-
 def _held(b, h, i, j, *refs):
     return i
 
@@ -218,6 +211,25 @@ def _walker(n_held: int):
     return index
 
 
+def _specs(layout: Layout, bq: int, bk: int, q_idx, kv_idx) -> dict:
+    """Block specs of the kernels' inputs, given which query / key block a step uses. Token
+    data (lim, seg) and row statistics (lse, delta) come lane-broadcast (``*_lanes``, one
+    value per row of a [rows, 128] block) or as rows (``*_row``, a [1, block] row)."""
+    lanes = lambda block, idx: pl.BlockSpec((None, block, LANES), lambda b, h, i, j, *r: (b, idx(b, h, i, j, *r), 0))
+    row = lambda block, idx: pl.BlockSpec((None, 1, block), lambda b, h, i, j, *r: (b, 0, idx(b, h, i, j, *r)))
+    return dict(
+        scale=pl.BlockSpec(memory_space=pltpu.SMEM),
+        q=layout.spec(bq, q_idx),
+        kv=layout.spec(bk, kv_idx),
+        q_lanes=lanes(bq, q_idx),
+        q_row=row(bq, q_idx),
+        k_lanes=lanes(bk, kv_idx),
+        k_row=row(bk, kv_idx),
+        stat_lanes=pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, *r: (b, h, q_idx(b, h, i, j, *r), 0)),
+        stat_row=pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j, *r: (b, h, 0, q_idx(b, h, i, j, *r))),
+    )
+
+
 def forward(st: fc.Static, layout: Layout, q, k, v, tok, ranges, dparams, scale, *, save_lse: bool):
     """o (kernel layout), compact lse ``[b, h, L]`` or None, visit counts ``[b, h, nq]`` or None."""
     b = q.shape[0]
@@ -226,46 +238,42 @@ def forward(st: fc.Static, layout: Layout, q, k, v, tok, ranges, dparams, scale,
     sp = _specs(layout, bq, bk, _held, _walker(nq))
     outs = [(jax.ShapeDtypeStruct(q.shape, q.dtype), sp["q"])]
     if save_lse:
-        outs.append((jax.ShapeDtypeStruct((b, layout.heads, n, LANES), jnp.float32), sp["row"]))
+        outs.append((jax.ShapeDtypeStruct((b, layout.heads, n, LANES), jnp.float32), sp["stat_lanes"]))
     scratch = [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, layout.head_dim), jnp.float32)]
+    lim_lanes, seg_lanes, _, seg_row = tok
     results, counts = _call(
         functools.partial(_fwd_kernel, st=st, nq=nq, save_lse=save_lse), "glm_flash_fwd", st, (b, layout.heads, nq, nk),
-        [sp["scale"], sp["q"], sp["kv"], sp["kv"], sp["qside"], sp["qside"], sp["kside"]], outs, scratch,
-        ranges, dparams, (scale.reshape(1), q, k, v, *tok),
+        [sp["scale"], sp["q"], sp["kv"], sp["kv"], sp["q_lanes"], sp["q_lanes"], sp["k_row"]], outs, scratch,
+        ranges, dparams, (scale.reshape(1), q, k, v, lim_lanes, seg_lanes, seg_row),
     )
     lse = results[1][..., 0] if save_lse else None
     return results[0], lse, counts
 
 
 # ---------------------------------------------------------------------------
-# Backward: dQ (hold a query block, walk key blocks) and dK/dV (hold a key block, walk queries).
+# Backward: dQ holds a query block and walks key blocks ([queries, keys] blocks); dK/dV
+# holds a key block and walks query blocks with the block transposed ([keys, queries]), so
+# the walked side's per-token data are rows and no matmul needs a transposed operand.
 
 
-def _bwd_block(st: fc.Static, refs, b, h, qblk, kblk, masked):
-    """(q, do, p_dropped, ds) of one block, from the backward kernels' twelve input refs."""
-    _, dparams_ref, scale_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lim_ref, segq_ref, segk_ref = refs
-    bq, bk = st.block_q_bwd, st.block_kv_bwd
-    q, do = q_ref[...], do_ref[...]
-    mask = _mask(lim_ref, segq_ref, segk_ref, kblk * bk, (bq, bk)) if masked else None
-    keep = fc.dropout_keep(st, tuple(dparams_ref[x] for x in range(4)), b, h, qblk * bq, kblk * bk, (bq, bk))
-    p, ds = fc.bwd_block(st, q, k_ref[...], v_ref[...], do, lse_ref[...][:, :1], delta_ref[...][:, :1], scale_ref[0], mask, keep)
-    return q, do, p, ds
-
-
-def _dq_kernel(*refs, st, nq):
-    ins, (dq_ref, *rest) = refs[:12], refs[12:]
+def _dq_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lim_ref, segq_ref,
+               segk_ref, dq_ref, *rest, st, nq):
     count_ref, (acc_scr,) = (rest[0], rest[1:]) if st.count_visits else (None, rest)
     b, h, i, j = (pl.program_id(a) for a in range(4))
+    bq, bk = st.block_q_bwd, st.block_kv_bwd
 
     @pl.when(j == 0)
     def _():
         acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
     def body(blk, masked):
-        _, _, _, ds = _bwd_block(st, ins, b, h, i, blk, masked)
-        acc_scr[...] += fc.matmul(ds, ins[4][...])
+        q, k = q_ref[...], k_ref[...]
+        mask = _query_mask(lim_ref, segq_ref, segk_ref, blk * bk, (bq, bk)) if masked else None
+        keep = fc.dropout_keep(st, tuple(dparams_ref[x] for x in range(4)), b, h, i * bq, blk * bk, (bq, bk))
+        _, ds = fc.bwd_block(st, q, k, do_ref[...], v_ref[...], lse_ref[...][:, :1], delta_ref[...][:, :1], scale_ref[0], mask, keep)
+        acc_scr[...] += fc.matmul(ds, k)
 
-    active = _steps(ins[0], b, i, j, nq, body)
+    active = _steps(ranges_ref, b, i, j, nq, body)
     _count(count_ref, j, active)
 
     @pl.when(j == pl.num_programs(3) - 1)
@@ -273,10 +281,11 @@ def _dq_kernel(*refs, st, nq):
         dq_ref[...] = acc_scr[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(*refs, st, nk):
-    ins, (dk_ref, dv_ref, *rest) = refs[:12], refs[12:]
+def _dkv_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, limq_ref, segq_ref,
+                segk_ref, dk_ref, dv_ref, *rest, st, nk):
     count_ref, (dk_scr, dv_scr) = (rest[0], rest[1:]) if st.count_visits else (None, rest)
     b, h, j, t = (pl.program_id(a) for a in range(4))
+    bq, bk = st.block_q_bwd, st.block_kv_bwd
 
     @pl.when(t == 0)
     def _():
@@ -284,11 +293,14 @@ def _dkv_kernel(*refs, st, nk):
         dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
     def body(qblk, masked):
-        q, do, p, ds = _bwd_block(st, ins, b, h, qblk, j, masked)
-        dv_scr[...] += fc.matmul(p, do, fc.TN)
-        dk_scr[...] += fc.matmul(ds, q, fc.TN)
+        q, do = q_ref[...], do_ref[...]
+        mask = _key_mask(limq_ref, segq_ref, segk_ref, j * bk, (bk, bq)) if masked else None
+        keep = fc.dropout_keep(st, tuple(dparams_ref[x] for x in range(4)), b, h, qblk * bq, j * bk, (bk, bq), keys_on_rows=True)
+        p_t, ds_t = fc.bwd_block(st, k_ref[...], q, v_ref[...], do, lse_ref[...], delta_ref[...], scale_ref[0], mask, keep)
+        dv_scr[...] += fc.matmul(p_t, do)
+        dk_scr[...] += fc.matmul(ds_t, q)
 
-    active = _steps(ins[0], b, j, t, nk, body)
+    active = _steps(ranges_ref, b, j, t, nk, body)
     _count(count_ref, t, active)
 
     @pl.when(t == pl.num_programs(3) - 1)
@@ -299,28 +311,28 @@ def _dkv_kernel(*refs, st, nk):
 
 def backward(st: fc.Static, layout: Layout, q, k, v, o, lse, do, tok, dq_ranges, dkv_ranges, dparams, scale):
     """(dq, dk, dv) in kernel layout, and visit counts (dq, dkv) or None."""
-    b = q.shape[0]
+    b, heads, d = q.shape[0], layout.heads, layout.head_dim
     bq, bk, n = st.block_q_bwd, st.block_kv_bwd, st.padded
     nq, nk = n // bq, n // bk
-    delta = _lanes(layout.row_sum(do.astype(jnp.float32) * o.astype(jnp.float32)))
-    args = (scale.reshape(1), q, k, v, do, _lanes(lse), delta, *tok)
+    delta = layout.row_sum(do.astype(jnp.float32) * o.astype(jnp.float32))
+    lim_lanes, seg_lanes, lim_row, seg_row = tok
+    head = (scale.reshape(1), q, k, v, do)
 
-    def inputs(sp):
-        return [sp["scale"], sp["q"], sp["kv"], sp["kv"], sp["q"], sp["row"], sp["row"], sp["qside"], sp["qside"], sp["kside"]]
-
-    # dQ: hold query block i, walk key blocks.
     sp = _specs(layout, bq, bk, _held, _walker(nq))
     (dq,), dq_counts = _call(
-        functools.partial(_dq_kernel, st=st, nq=nq), "glm_flash_dq", st, (b, layout.heads, nq, nk), inputs(sp),
-        [(jax.ShapeDtypeStruct(q.shape, q.dtype), sp["q"])], [pltpu.VMEM((bq, layout.head_dim), jnp.float32)],
-        dq_ranges, dparams, args,
+        functools.partial(_dq_kernel, st=st, nq=nq), "glm_flash_dq", st, (b, heads, nq, nk),
+        [sp["scale"], sp["q"], sp["kv"], sp["kv"], sp["q"], sp["stat_lanes"], sp["stat_lanes"], sp["q_lanes"], sp["q_lanes"],
+         sp["k_row"]],
+        [(jax.ShapeDtypeStruct(q.shape, q.dtype), sp["q"])], [pltpu.VMEM((bq, d), jnp.float32)],
+        dq_ranges, dparams, (*head, _lanes(lse), _lanes(delta), lim_lanes, seg_lanes, seg_row),
     )
-    # dK/dV: hold key block j, walk query blocks.
     sp = _specs(layout, bq, bk, _walker(nk), _held)
     (dk, dv), dkv_counts = _call(
-        functools.partial(_dkv_kernel, st=st, nk=nk), "glm_flash_dkv", st, (b, layout.heads, nk, nq), inputs(sp),
+        functools.partial(_dkv_kernel, st=st, nk=nk), "glm_flash_dkv", st, (b, heads, nk, nq),
+        [sp["scale"], sp["q"], sp["kv"], sp["kv"], sp["q"], sp["stat_row"], sp["stat_row"], sp["q_row"], sp["q_row"],
+         sp["k_lanes"]],
         [(jax.ShapeDtypeStruct(k.shape, k.dtype), sp["kv"]), (jax.ShapeDtypeStruct(v.shape, v.dtype), sp["kv"])],
-        [pltpu.VMEM((bk, layout.head_dim), jnp.float32), pltpu.VMEM((bk, layout.head_dim), jnp.float32)],
-        dkv_ranges, dparams, args,
+        [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
+        dkv_ranges, dparams, (*head, lse[:, :, None, :], delta[:, :, None, :], lim_row, seg_row, seg_lanes),
     )
     return dq, dk, dv, (dq_counts, dkv_counts) if st.count_visits else None
