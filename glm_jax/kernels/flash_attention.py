@@ -114,7 +114,7 @@ class _Plan:
     layout: object
 
 
-def _plan(q_shape, dtype, lowering, interpret, sizes, batch_global, heads_global, dropout_rate, count_visits=False) -> _Plan:
+def _plan(q_shape, lowering, interpret, sizes, batch_global, heads_global, dropout_rate, count_visits=False) -> _Plan:
     b, length, heads, d = q_shape
     bq, bk, bqb, bkb = _block_sizes(sizes, lowering, interpret, length, d)
     padded = -(-length // max(bq, bk, bqb, bkb)) * max(bq, bk, bqb, bkb)
@@ -169,7 +169,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def _local(q, k, v, part_a_end, segment_ids, scale, key, *, lowering, interpret, sizes, dropout_rate, batch_axes, head_axes, shards):
     """One shard's attention (q already scaled). ``shards`` = (batch shards, head shards)."""
     b, length, heads, _ = q.shape
-    plan = _plan(q.shape, q.dtype, lowering, interpret, sizes, b * shards[0], heads * shards[1], dropout_rate)
+    plan = _plan(q.shape, lowering, interpret, sizes, b * shards[0], heads * shards[1], dropout_rate)
     b_off = jax.lax.axis_index(batch_axes) * b if batch_axes else 0
     h_off = jax.lax.axis_index(head_axes) * heads if head_axes else 0
     dparams = jnp.stack([key[0], key[1], jnp.int32(b_off), jnp.int32(h_off)]).astype(jnp.int32)
@@ -242,12 +242,18 @@ def visit_counts(
     lowering, interpret = _resolve(lowering, interpret)
     _check(q, k, v, part_a_end, segment_ids, lowering)
     b, _, heads, _ = q.shape
-    plan = _plan(q.shape, q.dtype, lowering, interpret, block_sizes or BlockSizes(), b, heads, 0.0, count_visits=True)
-    tok, ranges = _mask_inputs(plan, jnp.asarray(part_a_end, jnp.int32), segment_ids)
+    plan = _plan(q.shape, lowering, interpret, block_sizes or BlockSizes(), b, heads, 0.0, count_visits=True)
+    counts = _counted_run(plan, q, k, v, jnp.asarray(part_a_end, jnp.int32), segment_ids)
+    return {**counts, "static": plan.st}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _counted_run(plan: _Plan, q, k, v, part_a_end, segment_ids):
+    tok, ranges = _mask_inputs(plan, part_a_end, segment_ids)
     dparams = jnp.zeros((4,), jnp.int32)
     scale = jnp.float32(1.0)
     qk, kk, vk = (_to_kernel(plan, x) for x in (q, k, v))
-    mod = _MODULES[lowering]
+    mod = _MODULES[plan.lowering]
     o, lse, fwd = mod.forward(plan.st, plan.layout, qk, kk, vk, tok, ranges.fwd, dparams, scale, save_lse=True)
     _, _, _, (dq, dkv) = mod.backward(plan.st, plan.layout, qk, kk, vk, o, lse, o, tok, ranges.dq, ranges.dkv, dparams, scale)
-    return {"fwd": fwd, "dq": dq, "dkv": dkv, "ranges": ranges, "static": plan.st}
+    return {"fwd": fwd, "dq": dq, "dkv": dkv, "ranges": ranges}
