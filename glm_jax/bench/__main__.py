@@ -1,4 +1,4 @@
-"""``python -m glm_jax.bench {data,train,convert} [--json] ...``: benchmarks that print JSON."""
+"""``python -m glm_jax.bench {data,train,convert,attention} [--json] ...``: benchmarks that print JSON."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 from glm_jax import cli
 
-BENCHES = ("data", "train", "convert")
+BENCHES = ("data", "train", "convert", "attention")
 
 
 def main(argv=None) -> int:
@@ -26,6 +26,10 @@ def main(argv=None) -> int:
         from glm_jax.bench import convert
 
         return convert.main(argv[1:])
+    if argv[0] == "attention":
+        from glm_jax.bench import attention
+
+        return attention.main(argv[1:])
     return 2
 
 

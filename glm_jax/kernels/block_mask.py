@@ -147,6 +147,12 @@ def dense_classes(
     return jnp.where(all_, FULL, jnp.where(any_, PARTIAL, EMPTY)).astype(jnp.int8)
 
 
+def kept_pairs(tm: TokenMask, length: int) -> jax.Array:
+    """``[batch]`` number of visible (query, key) pairs among the first ``length`` tokens;
+    exact when segments are runs (an upper bound otherwise)."""
+    return (tm.hi - tm.lo)[:, :length].astype(jnp.float32).sum(axis=1)
+
+
 def visit_fraction(ranges: jax.Array, n_other: int) -> tuple[float, float]:
     """(visited, fully visible) shares of all blocks, from per-block ranges."""
     r = np.asarray(ranges).astype(np.int64)

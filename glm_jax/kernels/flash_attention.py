@@ -67,13 +67,20 @@ def default_impl() -> str:
     return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
 
 
-def _resolve(lowering: str, interpret: Optional[bool]) -> tuple[str, bool]:
+def resolve_lowering(lowering: str = "auto", interpret: Optional[bool] = None) -> tuple[str, bool]:
+    """(mosaic | triton, interpret mode) for this backend: auto = Triton on GPU, else Mosaic;
+    interpret mode by default exactly on CPU."""
     if lowering not in LOWERINGS:
         raise ValueError(f"lowering={lowering!r} is not valid; valid values: {', '.join(LOWERINGS)}")
     backend = jax.default_backend()
     if lowering == "auto":
         lowering = flash_gpu.NAME if backend == "gpu" else flash_tpu.NAME
     return lowering, (backend == "cpu") if interpret is None else interpret
+
+
+def default_block_sizes(lowering: str, head_dim: int) -> tuple[int, int, int, int]:
+    """The lowering's (q, kv, q_bwd, kv_bwd) block lengths for this head_dim."""
+    return _MODULES[lowering].default_blocks(head_dim)
 
 
 def _block_sizes(sizes: BlockSizes, lowering: str, interpret: bool, length: int, head_dim: int) -> tuple[int, int, int, int]:
@@ -202,7 +209,7 @@ def attention(
     """GLM attention through the fused kernels; same arguments and result as
     ``reference.attention`` (plus kernel options). ``lowering``: auto | mosaic | triton;
     ``interpret``: None = interpret mode exactly when running on CPU."""
-    lowering, interpret = _resolve(lowering, interpret)
+    lowering, interpret = resolve_lowering(lowering, interpret)
     _check(q, k, v, part_a_end, segment_ids, lowering)
     q, scale = reference.scale_query(q, layer_scale)
     rate = float(dropout_rate) if dropout_rng is not None else 0.0
@@ -239,7 +246,7 @@ def visit_counts(
     """Blocks each kernel actually computed, from counters inside the kernels (one shard, no
     dropout): ``fwd`` / ``dq`` ``[batch, heads, query blocks]`` and ``dkv`` ``[batch, heads,
     key blocks]``, with the plan's block sizes and padded length. For tests and benchmarks."""
-    lowering, interpret = _resolve(lowering, interpret)
+    lowering, interpret = resolve_lowering(lowering, interpret)
     _check(q, k, v, part_a_end, segment_ids, lowering)
     b, _, heads, _ = q.shape
     plan = _plan(q.shape, lowering, interpret, block_sizes or BlockSizes(), b, heads, 0.0, count_visits=True)
