@@ -32,7 +32,9 @@ def default_blocks(head_dim: int) -> tuple[int, int, int, int]:
 
 def check_head_dim(head_dim: int) -> None:
     if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"the Triton attention kernels need a power-of-two head_dim >= 16, got {head_dim}")
+        raise ValueError(
+            f"the Triton attention kernels need a power-of-two head_dim >= 16, got {head_dim}; use model.attention_impl=xla"
+        )
 
 
 def _compiler(head_dim: int):
