@@ -64,7 +64,9 @@ def token_mask(part_a_end: jax.Array, segment_ids: Optional[jax.Array], padded_l
     runs = _one_run_per_id(seg[:, :length], new_run[:, :length])
 
     lo = jnp.where(runs[:, None], run_start, 0)
-    hi = jnp.where(runs[:, None], jnp.minimum(lim, run_end), lim)
+    # A real query never sees the appended keys (their segment is PAD_SEGMENT), and Part A
+    # may be given as ending past the sequence.
+    hi = jnp.where(runs[:, None], jnp.minimum(lim, run_end), jnp.minimum(lim, jnp.where(idx < length, length, padded_length)))
     return TokenMask(lim=lim, seg=seg, lo=lo, hi=hi, runs=runs)
 
 

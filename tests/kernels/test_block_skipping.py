@@ -68,14 +68,17 @@ def test_block_ranges_match_the_dense_mask():
         @jax.jit
         def classes(part_a_end, seg):
             tm = block_mask.token_mask(part_a_end, seg, padded)
-            by_q = block_mask.classes(block_mask.q_block_ranges(tm, bq, bk), padded // bk)
-            by_kv = block_mask.classes(block_mask.kv_block_ranges(tm, bq, bk), padded // bq)
+            q_ranges, kv_ranges = block_mask.q_block_ranges(tm, bq, bk), block_mask.kv_block_ranges(tm, bq, bk)
+            by_q = block_mask.classes(q_ranges, padded // bk)
+            by_kv = block_mask.classes(kv_ranges, padded // bq)
             dense = block_mask.dense_classes(part_a_end, seg, bq, bk, padded)
-            return by_q, jnp.swapaxes(by_kv, 1, 2), dense
+            in_bounds = (q_ranges[..., 1] <= padded // bk).all() & (kv_ranges[..., 1] <= padded // bq).all()
+            return by_q, jnp.swapaxes(by_kv, 1, 2), dense, in_bounds
 
         for trial in range(6):
             for kind in KINDS:
-                by_q, by_kv, dense = map(np.asarray, classes(*mask_inputs(rng, 3, n, kind)))
+                by_q, by_kv, dense, in_bounds = map(np.asarray, classes(*mask_inputs(rng, 3, n, kind)))
+                assert in_bounds, kind  # a kernel never walks past the last block
                 for got in (by_q, by_kv):
                     if kind == "repeated_ids":  # visit a superset of the non-empty blocks, call full only full ones
                         assert not ((dense != block_mask.EMPTY) & (got == block_mask.EMPTY)).any()

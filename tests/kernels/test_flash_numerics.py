@@ -6,6 +6,8 @@ segment ids, at lengths that are not multiples of the block sizes, with and with
 layer scaling and attention dropout (the kernels draw the reference's exact mask).
 """
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,7 +48,7 @@ def _compare(got, want, dtype):
 
 @pytest.mark.parametrize("lowering, dtype, shape, blocks, rate, scale", CASES, ids=lambda x: str(x))
 def test_kernel_matches_reference(lowering, dtype, shape, blocks, rate, scale):
-    rng = np.random.default_rng(hash((lowering, dtype, shape)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((lowering, dtype, shape)).encode()))
     keys = jax.random.split(jax.random.key(int(rng.integers(2**31))), 5)
     q, k, v, ct = (jax.random.normal(x, shape, jnp.float32).astype(dtype) for x in keys[:4])
 
