@@ -9,8 +9,9 @@ FLOPs, only the grid step itself. Blocks inside the fully visible range skip the
 
 Layouts: with head_dim a multiple of 128, q/k/v stay ``[batch, length, heads*head_dim]``
 (a free reshape; a head is a lane-aligned column block). Otherwise they are transposed to
-``[batch, heads, length, head_dim]``. Row statistics (log-sum-exp, delta) and per-query
-integers are lane-broadcast ``[..., length, 128]``; per-key segment ids are ``[b, 1, length]``.
+``[batch, heads, length, head_dim]``. Per-token integers (lim, segment id) and row
+statistics (log-sum-exp, delta) travel as compact ``[..., 1, length]`` rows; a kernel turns
+its held block's values into a lane-broadcast column once, with one in-VMEM transpose.
 """
 
 from __future__ import annotations
@@ -84,25 +85,28 @@ class Layout:
 
 
 def prepare(tm: TokenMask) -> tuple:
-    """Kernel inputs from the per-token mask: lim and seg lane-broadcast ``[b, L, 128]`` (for
-    a held block's tokens, one per row) and as rows ``[b, 1, L]`` (for visited blocks)."""
-    return _lanes(tm.lim), _lanes(tm.seg), tm.lim[:, None, :], tm.seg[:, None, :]
+    """Kernel inputs from the per-token mask: lim and seg as rows ``[b, 1, L]``."""
+    return tm.lim[:, None, :], tm.seg[:, None, :]
 
 
-def _lanes(x: jax.Array) -> jax.Array:
-    return jnp.broadcast_to(x[..., None], (*x.shape, LANES))
+def _to_column(row_ref, col_scr) -> None:
+    """A held block's per-token values, a ``[1, n]`` row, into ``col_scr`` as ``[n, 128]``
+    (each row one token's value in every lane): one aligned transpose per held block, in
+    place of streaming 128 lane copies of every value from HBM."""
+    row = row_ref[...]
+    col_scr[...] = jnp.transpose(jnp.broadcast_to(row, (LANES, row.shape[1])))
 
 
-def _query_mask(lim_lanes, seg_lanes, segk_row, k0, shape):
-    """[queries, keys] block held by query: query data lane-broadcast, key ids a row."""
+def _query_mask(lim_col, seg_col, segk_row, k0, shape):
+    """[queries, keys] block held by query: query data as columns, key ids a row."""
     keys = k0 + lax.broadcasted_iota(jnp.int32, shape, 1)
-    return fc.visible(keys, lim_lanes[...][:, :1], seg_lanes[...][:, :1], segk_row[...])
+    return fc.visible(keys, lim_col[...][:, :1], seg_col[...][:, :1], segk_row[...])
 
 
-def _key_mask(limq_row, segq_row, segk_lanes, k0, shape):
-    """[keys, queries] block held by key: key ids lane-broadcast, query data rows."""
+def _key_mask(limq_row, segq_row, segk_col, k0, shape):
+    """[keys, queries] block held by key: key ids a column, query data rows."""
     keys = k0 + lax.broadcasted_iota(jnp.int32, shape, 0)
-    return fc.visible(keys, limq_row[...], segq_row[...], segk_lanes[...][:, :1])
+    return fc.visible(keys, limq_row[...], segq_row[...], segk_col[...][:, :1])
 
 
 def _steps(ranges_ref, b, held, step, n_held, body):
@@ -140,11 +144,11 @@ def _count(count_ref, step, active):
 # Forward.
 
 
-def _fwd_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, lim_ref, segq_ref, segk_ref, *refs, st, nq, save_lse):
+def _fwd_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, limq_ref, segq_ref, segk_ref, *refs, st, nq, save_lse):
     o_ref, refs = refs[0], refs[1:]
     lse_ref, refs = (refs[0], refs[1:]) if save_lse else (None, refs)
     count_ref, refs = (refs[0], refs[1:]) if st.count_visits else (None, refs)
-    m_scr, l_scr, acc_scr = refs
+    m_scr, l_scr, acc_scr, lim_col, seg_col = refs
     b, h, i, j = (pl.program_id(a) for a in range(4))
     bq, bk = st.block_q, st.block_kv
     dparams = tuple(dparams_ref[x] for x in range(4))
@@ -154,12 +158,14 @@ def _fwd_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, lim_ref
         m_scr[...] = jnp.full(m_scr.shape, fc.M_FLOOR, jnp.float32)
         l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
         acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+        _to_column(limq_ref, lim_col)
+        _to_column(segq_ref, seg_col)
 
     def body(blk, masked):
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         s = fc.scores(q, k, scale_ref[0])
         if masked:
-            s = fc.hide(s, _query_mask(lim_ref, segq_ref, segk_ref, blk * bk, s.shape))
+            s = fc.hide(s, _query_mask(lim_col, seg_col, segk_ref, blk * bk, s.shape))
         m, l, alpha, p = fc.online_softmax(m_scr[...][:, :1], l_scr[...][:, :1], s)
         keep = fc.dropout_keep(st, dparams, b, h, i * bq, blk * bk, s.shape)
         acc_scr[...] = acc_scr[...] * alpha + fc.matmul(fc.drop(p, keep), v)
@@ -173,8 +179,9 @@ def _fwd_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, lim_ref
     def _():
         l = l_scr[...][:, :1]
         o_ref[...] = (acc_scr[...] * (st.dropout_scale / l)).astype(o_ref.dtype)
-        if lse_ref is not None:
-            lse_ref[...] = jnp.broadcast_to(m_scr[...][:, :1] + jnp.log(l), lse_ref.shape)
+        if lse_ref is not None:  # stored as a row: transpose the lane-broadcast column
+            lse = jnp.broadcast_to(m_scr[...][:, :1] + jnp.log(l), (bq, LANES))
+            lse_ref[...] = jnp.transpose(lse)[:1, :]
 
 
 def _call(kernel, name: str, st: fc.Static, grid, in_specs, outs, scratch, ranges, dparams, args):
@@ -212,41 +219,40 @@ def _walker(n_held: int):
 
 
 def _specs(layout: Layout, bq: int, bk: int, q_idx, kv_idx) -> dict:
-    """Block specs of the kernels' inputs, given which query / key block a step uses. Token
-    data (lim, seg) and row statistics (lse, delta) come lane-broadcast (``*_lanes``, one
-    value per row of a [rows, 128] block) or as rows (``*_row``, a [1, block] row)."""
-    lanes = lambda block, idx: pl.BlockSpec((None, block, LANES), lambda b, h, i, j, *r: (b, idx(b, h, i, j, *r), 0))
+    """Block specs of the kernels' inputs, given which query / key block a step uses;
+    per-token data (lim, seg) and row statistics (lse, delta) travel as [1, block] rows."""
     row = lambda block, idx: pl.BlockSpec((None, 1, block), lambda b, h, i, j, *r: (b, 0, idx(b, h, i, j, *r)))
     return dict(
         scale=pl.BlockSpec(memory_space=pltpu.SMEM),
         q=layout.spec(bq, q_idx),
         kv=layout.spec(bk, kv_idx),
-        q_lanes=lanes(bq, q_idx),
         q_row=row(bq, q_idx),
-        k_lanes=lanes(bk, kv_idx),
         k_row=row(bk, kv_idx),
-        stat_lanes=pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, *r: (b, h, q_idx(b, h, i, j, *r), 0)),
         stat_row=pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j, *r: (b, h, 0, q_idx(b, h, i, j, *r))),
     )
 
 
+def _vmem(*shapes, dtype=jnp.float32):
+    return [pltpu.VMEM(shape, dtype) for shape in shapes]
+
+
 def forward(st: fc.Static, layout: Layout, q, k, v, tok, ranges, dparams, scale, *, save_lse: bool):
-    """o (kernel layout), compact lse ``[b, h, L]`` or None, visit counts ``[b, h, nq]`` or None."""
+    """o (kernel layout), lse ``[b, h, L]`` or None, visit counts ``[b, h, nq]`` or None."""
     b = q.shape[0]
     bq, bk, n = st.block_q, st.block_kv, st.padded
     nq, nk = n // bq, n // bk
     sp = _specs(layout, bq, bk, _held, _walker(nq))
     outs = [(jax.ShapeDtypeStruct(q.shape, q.dtype), sp["q"])]
     if save_lse:
-        outs.append((jax.ShapeDtypeStruct((b, layout.heads, n, LANES), jnp.float32), sp["stat_lanes"]))
-    scratch = [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, layout.head_dim), jnp.float32)]
-    lim_lanes, seg_lanes, _, seg_row = tok
+        outs.append((jax.ShapeDtypeStruct((b, layout.heads, 1, n), jnp.float32), sp["stat_row"]))
+    scratch = _vmem((bq, LANES), (bq, LANES), (bq, layout.head_dim)) + _vmem((bq, LANES), (bq, LANES), dtype=jnp.int32)
+    lim_row, seg_row = tok
     results, counts = _call(
         functools.partial(_fwd_kernel, st=st, nq=nq, save_lse=save_lse), "glm_flash_fwd", st, (b, layout.heads, nq, nk),
-        [sp["scale"], sp["q"], sp["kv"], sp["kv"], sp["q_lanes"], sp["q_lanes"], sp["k_row"]], outs, scratch,
-        ranges, dparams, (scale.reshape(1), q, k, v, lim_lanes, seg_lanes, seg_row),
+        [sp["scale"], sp["q"], sp["kv"], sp["kv"], sp["q_row"], sp["q_row"], sp["k_row"]], outs, scratch,
+        ranges, dparams, (scale.reshape(1), q, k, v, lim_row, seg_row, seg_row),
     )
-    lse = results[1][..., 0] if save_lse else None
+    lse = results[1][:, :, 0] if save_lse else None
     return results[0], lse, counts
 
 
@@ -256,21 +262,23 @@ def forward(st: fc.Static, layout: Layout, q, k, v, tok, ranges, dparams, scale,
 # the walked side's per-token data are rows and no matmul needs a transposed operand.
 
 
-def _dq_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lim_ref, segq_ref,
+def _dq_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, limq_ref, segq_ref,
                segk_ref, dq_ref, *rest, st, nq):
-    count_ref, (acc_scr,) = (rest[0], rest[1:]) if st.count_visits else (None, rest)
+    count_ref, (acc_scr, lse_col, delta_col, lim_col, seg_col) = (rest[0], rest[1:]) if st.count_visits else (None, rest)
     b, h, i, j = (pl.program_id(a) for a in range(4))
     bq, bk = st.block_q_bwd, st.block_kv_bwd
 
     @pl.when(j == 0)
     def _():
         acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+        for row_ref, col in ((lse_ref, lse_col), (delta_ref, delta_col), (limq_ref, lim_col), (segq_ref, seg_col)):
+            _to_column(row_ref, col)
 
     def body(blk, masked):
         q, k = q_ref[...], k_ref[...]
-        mask = _query_mask(lim_ref, segq_ref, segk_ref, blk * bk, (bq, bk)) if masked else None
+        mask = _query_mask(lim_col, seg_col, segk_ref, blk * bk, (bq, bk)) if masked else None
         keep = fc.dropout_keep(st, tuple(dparams_ref[x] for x in range(4)), b, h, i * bq, blk * bk, (bq, bk))
-        _, ds = fc.bwd_block(st, q, k, do_ref[...], v_ref[...], lse_ref[...][:, :1], delta_ref[...][:, :1], scale_ref[0], mask, keep)
+        _, ds = fc.bwd_block(st, q, k, do_ref[...], v_ref[...], lse_col[...][:, :1], delta_col[...][:, :1], scale_ref[0], mask, keep)
         acc_scr[...] += fc.matmul(ds, k)
 
     active = _steps(ranges_ref, b, i, j, nq, body)
@@ -283,7 +291,7 @@ def _dq_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, do_ref, 
 
 def _dkv_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, limq_ref, segq_ref,
                 segk_ref, dk_ref, dv_ref, *rest, st, nk):
-    count_ref, (dk_scr, dv_scr) = (rest[0], rest[1:]) if st.count_visits else (None, rest)
+    count_ref, (dk_scr, dv_scr, segk_col) = (rest[0], rest[1:]) if st.count_visits else (None, rest)
     b, h, j, t = (pl.program_id(a) for a in range(4))
     bq, bk = st.block_q_bwd, st.block_kv_bwd
 
@@ -291,10 +299,11 @@ def _dkv_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, do_ref,
     def _():
         dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
         dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+        _to_column(segk_ref, segk_col)
 
     def body(qblk, masked):
         q, do = q_ref[...], do_ref[...]
-        mask = _key_mask(limq_ref, segq_ref, segk_ref, j * bk, (bk, bq)) if masked else None
+        mask = _key_mask(limq_ref, segq_ref, segk_col, j * bk, (bk, bq)) if masked else None
         keep = fc.dropout_keep(st, tuple(dparams_ref[x] for x in range(4)), b, h, qblk * bq, j * bk, (bk, bq), keys_on_rows=True)
         p_t, ds_t = fc.bwd_block(st, k_ref[...], q, v_ref[...], do, lse_ref[...], delta_ref[...], scale_ref[0], mask, keep)
         dv_scr[...] += fc.matmul(p_t, do)
@@ -315,24 +324,25 @@ def backward(st: fc.Static, layout: Layout, q, k, v, o, lse, do, tok, dq_ranges,
     bq, bk, n = st.block_q_bwd, st.block_kv_bwd, st.padded
     nq, nk = n // bq, n // bk
     delta = layout.row_sum(do.astype(jnp.float32) * o.astype(jnp.float32))
-    lim_lanes, seg_lanes, lim_row, seg_row = tok
-    head = (scale.reshape(1), q, k, v, do)
+    lim_row, seg_row = tok
+    args = (scale.reshape(1), q, k, v, do, lse[:, :, None, :], delta[:, :, None, :], lim_row, seg_row, seg_row)
+
+    def inputs(sp):
+        return [sp["scale"], sp["q"], sp["kv"], sp["kv"], sp["q"], sp["stat_row"], sp["stat_row"], sp["q_row"], sp["q_row"],
+                sp["k_row"]]
 
     sp = _specs(layout, bq, bk, _held, _walker(nq))
     (dq,), dq_counts = _call(
-        functools.partial(_dq_kernel, st=st, nq=nq), "glm_flash_dq", st, (b, heads, nq, nk),
-        [sp["scale"], sp["q"], sp["kv"], sp["kv"], sp["q"], sp["stat_lanes"], sp["stat_lanes"], sp["q_lanes"], sp["q_lanes"],
-         sp["k_row"]],
-        [(jax.ShapeDtypeStruct(q.shape, q.dtype), sp["q"])], [pltpu.VMEM((bq, d), jnp.float32)],
-        dq_ranges, dparams, (*head, _lanes(lse), _lanes(delta), lim_lanes, seg_lanes, seg_row),
+        functools.partial(_dq_kernel, st=st, nq=nq), "glm_flash_dq", st, (b, heads, nq, nk), inputs(sp),
+        [(jax.ShapeDtypeStruct(q.shape, q.dtype), sp["q"])],
+        _vmem((bq, d), (bq, LANES), (bq, LANES)) + _vmem((bq, LANES), (bq, LANES), dtype=jnp.int32),
+        dq_ranges, dparams, args,
     )
     sp = _specs(layout, bq, bk, _walker(nk), _held)
     (dk, dv), dkv_counts = _call(
-        functools.partial(_dkv_kernel, st=st, nk=nk), "glm_flash_dkv", st, (b, heads, nk, nq),
-        [sp["scale"], sp["q"], sp["kv"], sp["kv"], sp["q"], sp["stat_row"], sp["stat_row"], sp["q_row"], sp["q_row"],
-         sp["k_lanes"]],
+        functools.partial(_dkv_kernel, st=st, nk=nk), "glm_flash_dkv", st, (b, heads, nk, nq), inputs(sp),
         [(jax.ShapeDtypeStruct(k.shape, k.dtype), sp["kv"]), (jax.ShapeDtypeStruct(v.shape, v.dtype), sp["kv"])],
-        [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
-        dkv_ranges, dparams, (*head, lse[:, :, None, :], delta[:, :, None, :], lim_row, seg_row, seg_lanes),
+        _vmem((bk, d), (bk, d)) + _vmem((bk, LANES), dtype=jnp.int32),
+        dkv_ranges, dparams, args,
     )
     return dq, dk, dv, (dq_counts, dkv_counts) if st.count_visits else None
