@@ -52,6 +52,20 @@ class Static:
         return self.dropout_threshold is not None
 
 
+def cost(batch: int, heads: int, head_dim: int, padded: int, matmuls: int, arrays: int, itemsize: int):
+    """What XLA's scheduler is told a kernel costs: FLOPs and exps as if it visited every
+    block (an upper bound: the visited share is data-dependent), and each of ``arrays``
+    ``[batch, length, heads, head_dim]`` operands moved once."""
+    from jax.experimental import pallas as pl
+
+    pairs = batch * heads * padded * padded
+    return pl.CostEstimate(
+        flops=int(2 * matmuls * pairs * head_dim),
+        transcendentals=int(pairs),
+        bytes_accessed=int(arrays * batch * padded * heads * head_dim * itemsize),
+    )
+
+
 def precision(dtype) -> Optional[lax.Precision]:
     """Full float32 matmuls for float32 inputs (no TF32 / bf16 passes); default otherwise."""
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None

@@ -127,7 +127,7 @@ def _fwd_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, lim_ref
         count_ref[...] = jnp.full((bq,), carry[3], jnp.int32)
 
 
-def _call(kernel, name: str, st: fc.Static, head_dim: int, grid, in_specs, outs, args, held_block: int):
+def _call(kernel, name: str, st: fc.Static, head_dim: int, grid, in_specs, outs, args, held_block: int, matmuls: int):
     """One pallas_call; outs are (ShapeDtypeStruct, BlockSpec) pairs. With ``count_visits``
     a visit counter per held block is appended and returned as ``[batch, heads, blocks]``."""
     shapes, specs = [s for s, _ in outs], [p for _, p in outs]
@@ -137,6 +137,7 @@ def _call(kernel, name: str, st: fc.Static, head_dim: int, grid, in_specs, outs,
     results = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=specs, out_shape=shapes,
         compiler_params=_compiler(head_dim), interpret=st.interpret, name=name,
+        cost_estimate=fc.cost(grid[0], grid[1], head_dim, st.padded, matmuls, len(outs) + 3, args[3].dtype.itemsize),
     )(*args)
     results = list(results)
     counts = results.pop()[..., ::held_block] if st.count_visits else None
@@ -172,7 +173,7 @@ def forward(st: fc.Static, layout: Layout, q, k, v, tok, ranges, dparams, scale,
     results, counts = _call(
         functools.partial(_fwd_kernel, st=st, save_lse=save_lse), "glm_flash_fwd", st, d, (b, heads, n // bq),
         [_RANGES, *_SMALL, _spec(bq, d, lambda i: i), _whole(n, d), _whole(n, d), _tokens(bq), _tokens(bq), _whole_tokens(n)],
-        outs, (ranges, dparams, scale.reshape(1), q, k, v, *tok), bq,
+        outs, (ranges, dparams, scale.reshape(1), q, k, v, *tok), bq, 2,
     )
     return results[0], results[1] if save_lse else None, counts
 
@@ -245,13 +246,13 @@ def backward(st: fc.Static, layout: Layout, q, k, v, o, lse, do, tok, dq_ranges,
     (dq,), dq_counts = _call(
         functools.partial(_dq_kernel, st=st), "glm_flash_dq", st, d, (b, heads, n // bq),
         [_RANGES, *_SMALL, own_q, _whole(n, d), _whole(n, d), own_q, _rows(bq), _rows(bq), _tokens(bq), _tokens(bq), _whole_tokens(n)],
-        [(jax.ShapeDtypeStruct(q.shape, q.dtype), own_q)], (dq_ranges, *args), bq,
+        [(jax.ShapeDtypeStruct(q.shape, q.dtype), own_q)], (dq_ranges, *args), bq, 3,
     )
     (dk, dv), dkv_counts = _call(
         functools.partial(_dkv_kernel, st=st), "glm_flash_dkv", st, d, (b, heads, n // bk),
         [_RANGES, *_SMALL, _whole(n, d), own_kv, own_kv, _whole(n, d), _whole_rows(n), _whole_rows(n), _whole_tokens(n),
          _whole_tokens(n), _tokens(bk)],
         [(jax.ShapeDtypeStruct(k.shape, k.dtype), own_kv), (jax.ShapeDtypeStruct(v.shape, v.dtype), own_kv)],
-        (dkv_ranges, *args), bk,
+        (dkv_ranges, *args), bk, 4,
     )
     return dq, dk, dv, (dq_counts, dkv_counts) if st.count_visits else None

@@ -184,7 +184,7 @@ def _fwd_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, limq_re
             lse_ref[...] = jnp.transpose(lse)[:1, :]
 
 
-def _call(kernel, name: str, st: fc.Static, grid, in_specs, outs, scratch, ranges, dparams, args):
+def _call(kernel, name: str, st: fc.Static, grid, in_specs, outs, scratch, ranges, dparams, args, cost):
     """One pallas_call with the range table and dropout words scalar-prefetched.
     outs: (ShapeDtypeStruct, BlockSpec) pairs; with ``count_visits`` a visit counter per
     held block is appended and returned separately as ``[batch, heads, held blocks]``."""
@@ -201,6 +201,7 @@ def _call(kernel, name: str, st: fc.Static, grid, in_specs, outs, scratch, range
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=st.interpret,
         name=name,
+        cost_estimate=cost,
     )(ranges.reshape(-1), dparams, *args)
     results = list(results)
     counts = results.pop()[..., 0, 0] if st.count_visits else None
@@ -251,6 +252,7 @@ def forward(st: fc.Static, layout: Layout, q, k, v, tok, ranges, dparams, scale,
         functools.partial(_fwd_kernel, st=st, nq=nq, save_lse=save_lse), "glm_flash_fwd", st, (b, layout.heads, nq, nk),
         [sp["scale"], sp["q"], sp["kv"], sp["kv"], sp["q_row"], sp["q_row"], sp["k_row"]], outs, scratch,
         ranges, dparams, (scale.reshape(1), q, k, v, lim_row, seg_row, seg_row),
+        fc.cost(b, layout.heads, layout.head_dim, n, 2, 4, q.dtype.itemsize),
     )
     lse = results[1][:, :, 0] if save_lse else None
     return results[0], lse, counts
@@ -336,13 +338,13 @@ def backward(st: fc.Static, layout: Layout, q, k, v, o, lse, do, tok, dq_ranges,
         functools.partial(_dq_kernel, st=st, nq=nq), "glm_flash_dq", st, (b, heads, nq, nk), inputs(sp),
         [(jax.ShapeDtypeStruct(q.shape, q.dtype), sp["q"])],
         _vmem((bq, d), (bq, LANES), (bq, LANES)) + _vmem((bq, LANES), (bq, LANES), dtype=jnp.int32),
-        dq_ranges, dparams, args,
+        dq_ranges, dparams, args, fc.cost(b, heads, d, n, 3, 5, q.dtype.itemsize),
     )
     sp = _specs(layout, bq, bk, _walker(nk), _held)
     (dk, dv), dkv_counts = _call(
         functools.partial(_dkv_kernel, st=st, nk=nk), "glm_flash_dkv", st, (b, heads, nk, nq), inputs(sp),
         [(jax.ShapeDtypeStruct(k.shape, k.dtype), sp["kv"]), (jax.ShapeDtypeStruct(v.shape, v.dtype), sp["kv"])],
         _vmem((bk, d), (bk, d)) + _vmem((bk, LANES), dtype=jnp.int32),
-        dkv_ranges, dparams, args,
+        dkv_ranges, dparams, args, fc.cost(b, heads, d, n, 4, 6, q.dtype.itemsize),
     )
     return dq, dk, dv, (dq_counts, dkv_counts) if st.count_visits else None
