@@ -11,7 +11,10 @@ Lowerings: Mosaic on TPU (``flash_tpu``), Triton on GPU (``flash_gpu``); on CPU 
 kernels run in Pallas interpret mode (for tests; not for speed). Under a device mesh the
 kernels run inside ``shard_map`` over the batch and head axes that ``glm_jax.parallel.rules``
 assigns to the logical names ``batch`` and ``act_heads`` (Pallas kernels cannot be
-partitioned automatically); the mesh is the one in context (``jax.set_mesh``).
+partitioned automatically); the mesh is the one in context (``jax.set_mesh``). Dropout
+counts global batch rows and heads, so sharded and unsharded runs drop the same entries.
+Called inside a caller's own ``shard_map`` (manual mesh axes), it works on the local shard
+as given, and dropout then repeats its mask across those manual shards.
 """
 
 from __future__ import annotations
@@ -131,7 +134,7 @@ def _plan(q_shape, lowering, interpret, sizes, batch_global, heads_global, dropo
         threshold = dropout_hash.keep_threshold(dropout_rate)
     st = fc.Static(
         block_q=bq, block_kv=bk, block_q_bwd=bqb, block_kv_bwd=bkb, length=length, padded=padded,
-        heads=heads_global, batch=batch_global, dropout_threshold=threshold,
+        heads=heads_global, dropout_threshold=threshold,
         dropout_scale=1.0 / (1.0 - dropout_rate), interpret=interpret, count_visits=count_visits,
     )
     return _Plan(st, lowering, _MODULES[lowering].Layout(heads, d))
@@ -236,6 +239,9 @@ def attention(
 
     args = (q, k, v, part_a_end, scale, key) + ((segment_ids,) if has_seg else ())
     specs = (qkv, qkv, qkv, tok, P(), P()) + ((tok,) if has_seg else ())
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        # Explicit-sharding meshes want the inputs already laid out as shard_map splits them.
+        args = tuple(jax.sharding.reshard(a, s) for a, s in zip(args, specs))
     return jax.shard_map(shard, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*args)
 
 

@@ -41,7 +41,6 @@ class Static:
     length: int  # the caller's sequence length (the dropout counter's row stride)
     padded: int  # length rounded up to every block size
     heads: int  # global head count (dropout counter)
-    batch: int  # global batch (dropout counter)
     dropout_threshold: Optional[int]  # None: no dropout
     dropout_scale: float  # 1 / (1 - rate)
     interpret: bool
