@@ -18,11 +18,14 @@ def test_keep_mask_is_the_references(rate):
     b, h, n = 2, 3, 37
     rng = jax.random.key(11)
     want = jax.random.bernoulli(rng, 1.0 - rate, (b, h, n, n))
-    words = dh.key_words(rng)
-    bi, hi, qi, ki = np.ix_(np.arange(b), np.arange(h), np.arange(n), np.arange(n))
-    base_hi, base_lo = dh.row_base(jnp.asarray(bi), jnp.asarray(hi), jnp.asarray(qi), h, n)
-    got = dh.keep_block(words[0], words[1], base_hi, base_lo, jnp.asarray(ki, jnp.int32), dh.keep_threshold(rate))
-    assert (np.asarray(got) == np.asarray(want)).all()
+
+    @jax.jit
+    def keep(words):
+        bi, hi, qi, ki = (jnp.asarray(x, jnp.int32) for x in np.ix_(np.arange(b), np.arange(h), np.arange(n), np.arange(n)))
+        base_hi, base_lo = dh.row_base(bi, hi, qi, h, n)
+        return dh.keep_block(words[0], words[1], base_hi, base_lo, ki, dh.keep_threshold(rate))
+
+    assert (np.asarray(keep(dh.key_words(rng))) == np.asarray(want)).all()
 
 
 def test_threefry_and_64_bit_counters_beyond_two_to_the_32():
@@ -31,18 +34,22 @@ def test_threefry_and_64_bit_counters_beyond_two_to_the_32():
     x = rng.integers(0, 2**32, (2, 64), dtype=np.uint64).astype(np.uint32)
     want = threefry2x32_p.bind(jnp.uint32(k[0]), jnp.uint32(k[1]), jnp.asarray(x[0]), jnp.asarray(x[1]))
     as_i32 = lambda a: jax.lax.bitcast_convert_type(jnp.asarray(a, jnp.uint32), jnp.int32)
-    got = dh.threefry2x32(as_i32(k[0]), as_i32(k[1]), as_i32(x[0]), as_i32(x[1]))
+    got = jax.jit(dh.threefry2x32)(as_i32(k[0]), as_i32(k[1]), as_i32(x[0]), as_i32(x[1]))
     for g, w in zip(got, want):
         assert (_u32(g) == _u32(w)).all()
     # The flat index of [batch, head, row, col] past 2**32, as (hi, lo) words.
     batch, heads, length = 2047, 96, 8192
     idx = [(2046, 95, 8191, 8191), (1000, 7, 123, 4567), (0, 0, 0, 1)]
+
+    @jax.jit
+    def flat_index(b, h, q, c):
+        hi, lo = dh.row_base(b, h, q, heads, length)
+        lo = lo + c
+        return hi + dh.unsigned_less(lo, c).astype(jnp.int32), lo
+
     for b, h, q, c in idx:
-        hi, lo = dh.row_base(jnp.int32(b), jnp.int32(h), jnp.int32(q), heads, length)
-        lo2 = lo + jnp.int32(c)
-        hi2 = hi + dh.unsigned_less(lo2, jnp.int32(c)).astype(jnp.int32)
-        flat = ((b * heads + h) * length + q) * length + c
-        assert (int(_u32(hi2)) << 32) | int(_u32(lo2)) == flat
+        hi, lo = flat_index(*(jnp.int32(x) for x in (b, h, q, c)))
+        assert (int(_u32(hi)) << 32) | int(_u32(lo)) == ((b * heads + h) * length + q) * length + c
 
 
 def test_limits_and_key_types_are_reported():
