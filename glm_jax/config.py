@@ -52,8 +52,14 @@ class ModelConfig:
     rotary_inv_freq_fp16: bool = True  # the authors round inv_freq to fp16 (GLM_SPEC §1.7)
     rotary_angle_dtype: Literal["float32", "float16"] = "float32"
 
-    # Attention.
-    attention_impl: Literal["auto", "xla"] = "auto"
+    # Attention. auto: the fused Pallas kernel on TPU/GPU, the XLA reference on CPU.
+    attention_impl: Literal["auto", "xla", "pallas"] = "auto"
+    # Pallas kernel block lengths (queries / keys, forward / backward); 0 = the backend's
+    # default (TPU 512, GPU 128/64). Powers of two; on TPU multiples of 128.
+    attention_block_q: int = 0
+    attention_block_kv: int = 0
+    attention_block_q_bwd: int = 0
+    attention_block_kv_bwd: int = 0
     attention_layer_scaling: bool = True  # q/(sqrt(d)*c), fp32 scores*c, c = layer index + 1
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
@@ -116,6 +122,12 @@ class ModelConfig:
         )
         if self.residual_alpha is not None:
             _require(self.residual_alpha > 0, f"model.residual_alpha must be > 0, got {self.residual_alpha}")
+        for key in ("attention_block_q", "attention_block_kv", "attention_block_q_bwd", "attention_block_kv_bwd"):
+            v = getattr(self, key)
+            _require(
+                v == 0 or (v >= 8 and v & (v - 1) == 0),
+                f"model.{key}={v} must be 0 (the backend's default) or a power of two >= 8",
+            )
         for key in ("attention_dropout", "hidden_dropout"):
             _require(0.0 <= getattr(self, key) < 1.0, f"model.{key} must be in [0, 1), got {getattr(self, key)}")
         for f in dataclasses.fields(self):

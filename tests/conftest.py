@@ -16,6 +16,9 @@ import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The TPU ahead-of-time compile tests load libtpu, which otherwise refuses to start while any
+# other process on the machine (a jax program run by hand, say) holds its lockfile.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="glm_jax_test_jit_cache_")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)

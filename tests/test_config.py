@@ -59,7 +59,7 @@ def test_base_file_cycles_and_bad_sections_are_reported(tmp_path):
         ("model.hidden_size=-8", "model.hidden_size must be > 0, got -8"),
         ("model.num_layers=0", "model.num_layers must be > 0, got 0"),
         ("model.hidden_size=65", "model.hidden_size (65) must be divisible by model.num_heads (4)"),
-        ("model.attention_impl=cuda", "model.attention_impl='cuda' is not valid; valid values: auto, xla"),
+        ("model.attention_impl=cuda", "model.attention_impl='cuda' is not valid; valid values: auto, xla, pallas"),
         ("train.steps=ten", "train.steps='ten' is not valid; expected an integer"),
         ("model.scan_layers=maybe", "model.scan_layers='maybe' is not valid; expected true or false"),
         ("mesh.model=0", "mesh.model must be a positive size or -1 (fill), got 0"),

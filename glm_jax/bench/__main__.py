@@ -1,12 +1,13 @@
-"""``python -m glm_jax.bench {data,train,convert,decode,quantize} [--json] ...``: benchmarks that print JSON."""
+"""``python -m glm_jax.bench {data,train,convert,attention,decode,quantize} [--json] ...``: benchmarks that print JSON."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from glm_jax import cli
 
-BENCHES = ("data", "train", "convert", "decode", "quantize")
+BENCHES = ("data", "train", "convert", "attention", "decode", "quantize")
 
 
 def main(argv=None) -> int:
@@ -14,27 +15,7 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in BENCHES:
         print(f"usage: python -m glm_jax.bench {{{','.join(BENCHES)}}} [--json] [--config PATH] [key=value ...]", file=sys.stderr)
         return 2
-    if argv[0] == "data":
-        from glm_jax.bench import data
-
-        return data.main(argv[1:])
-    if argv[0] == "train":
-        from glm_jax.bench import train
-
-        return train.main(argv[1:])
-    if argv[0] == "convert":
-        from glm_jax.bench import convert
-
-        return convert.main(argv[1:])
-    if argv[0] == "decode":
-        from glm_jax.bench import decode
-
-        return decode.main(argv[1:])
-    if argv[0] == "quantize":
-        from glm_jax.bench import quantize
-
-        return quantize.main(argv[1:])
-    return 2
+    return importlib.import_module(f"glm_jax.bench.{argv[0]}").main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -16,9 +16,17 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from glm_jax.model import masks
-
 MASK_VALUE = -10000.0
+
+
+def scale_query(q: jax.Array, layer_scale: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(q / (sqrt(d) * c) in q's dtype, c as float32); c = 1 without layer scaling.
+    The scores are then (scaled q . k) * c in float32: every implementation shares this."""
+    d = q.shape[-1]
+    if layer_scale is None:
+        return q / jnp.asarray(math.sqrt(d), q.dtype), jnp.float32(1.0)
+    c = jnp.asarray(layer_scale, jnp.float32)
+    return q / (jnp.float32(math.sqrt(d)) * c).astype(q.dtype), c
 
 
 def attention(
@@ -36,12 +44,9 @@ def attention(
 
     layer_scale: c = layer_index + 1 (scalar), or None for no layer scaling.
     """
-    d = q.shape[-1]
-    if layer_scale is None:
-        q = q / jnp.asarray(math.sqrt(d), q.dtype)
-    else:
-        c = jnp.asarray(layer_scale, jnp.float32)
-        q = q / (jnp.float32(math.sqrt(d)) * c).astype(q.dtype)
+    from glm_jax.model import masks  # here: glm_jax.model imports this module at package import
+
+    q, c = scale_query(q, layer_scale)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     mask = masks.dense_visibility(part_a_end, segment_ids)[:, None, :, :]
     scores = jnp.where(mask, scores, jnp.float32(MASK_VALUE))

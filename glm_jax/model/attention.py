@@ -13,15 +13,15 @@ import jax
 import jax.numpy as jnp
 
 from glm_jax.config import ModelConfig
-from glm_jax.kernels import decode, reference
+from glm_jax.kernels import decode, flash_attention, reference
 from glm_jax.model import init, linear, rotary
 
-IMPLEMENTATIONS = {"xla": reference.attention}
+IMPLEMENTATIONS = {"xla": reference.attention, "pallas": flash_attention.attention}
 
 
 def resolve_impl(name: str) -> str:
-    """``auto`` picks the best implementation for the backend (XLA until a fused kernel lands)."""
-    return "xla" if name == "auto" else name
+    """``auto`` picks the fused Pallas kernel on TPU/GPU and the XLA reference on CPU."""
+    return flash_attention.default_impl() if name == "auto" else name
 
 
 class Attention(nn.Module):
@@ -86,8 +86,9 @@ class Attention(nn.Module):
         dropout_rng = None
         if cfg.attention_dropout > 0.0 and not self.deterministic:
             dropout_rng = self.make_rng("dropout")
-        impl = IMPLEMENTATIONS[resolve_impl(cfg.attention_impl)]
-        ctx = impl(
+        name = resolve_impl(cfg.attention_impl)
+        kernel_options = {"block_sizes": flash_attention.BlockSizes.from_config(cfg)} if name == "pallas" else {}
+        ctx = IMPLEMENTATIONS[name](
             q,
             k,
             v,
@@ -96,5 +97,6 @@ class Attention(nn.Module):
             layer_scale=layer_scale,
             dropout_rate=cfg.attention_dropout,
             dropout_rng=dropout_rng,
+            **kernel_options,
         )
         return project_out(ctx), cache

@@ -57,6 +57,16 @@ def logical_to_mesh_spec(logical_spec: PartitionSpec) -> PartitionSpec:
     return nn.logical_to_mesh_axes(tuple(logical_spec), LOGICAL_AXIS_RULES)
 
 
+def mesh_axes(logical: str, axis_names: tuple[str, ...]) -> tuple[str, ...]:
+    """The mesh axes (among ``axis_names``) that the logical axis ``logical`` is split over;
+    empty when it is replicated. For code that must name mesh axes itself (shard_map)."""
+    for name, axis in LOGICAL_AXIS_RULES:
+        if name == logical:
+            axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+            return tuple(a for a in axes if a in axis_names)
+    return ()
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Sharding for an input array whose leading axis is the batch."""
     spec = logical_to_mesh_spec(PartitionSpec("batch", *([None] * (ndim - 1))))
@@ -99,6 +109,7 @@ __all__ = [
     "logical_specs",
     "logical_to_mesh_spec",
     "logical_to_sharding",
+    "mesh_axes",
     "replicated",
     "shard_shape",
     "unbox",
