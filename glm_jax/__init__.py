@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from glm_jax.loading import LoadedModel, load  # noqa: E402  (imports neither jax nor torch)
+from glm_jax.inference.loading import LoadedModel, load  # noqa: E402  (imports neither jax nor torch)
 
 __all__ = ["LoadedModel", "load"]

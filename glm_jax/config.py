@@ -3,7 +3,7 @@
 Every value is checked before any work starts; a bad key or value raises
 :class:`ConfigError` with a one-line message that names the key and what is valid.
 
-    cfg = load_config("configs/glm-tiny.yaml", ["train.steps=20", "mesh.model=4"])
+    cfg = load_config("glm-tiny", ["train.steps=20", "mesh.model=4"])  # or a path to any YAML
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
+from glm_jax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration problem, phrased for the user (one line)."""
 
 
@@ -88,6 +90,12 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def two_d_positions(self) -> bool:
+        """Positions are ``[b, 2, L]`` (position ids, block position ids) rather than ``[b, L]``:
+        ChatGLM-6B's 2D rotary and the original GLM's two learned position tables."""
+        return self.position_encoding in ("rotary_2d", "learned_2d")
 
     @property
     def alpha(self) -> float:
@@ -253,6 +261,34 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """A parsed ``data.corpus`` / ``data.instructions`` value (see glm_jax/data/tasks.py)."""
+
+    kind: str  # stdlib | text | jsonl | tfds | none
+    pattern: str = ""
+    field: str = "text"
+
+
+def parse_source(spec: str, key: str) -> SourceSpec:
+    """The one parser of source specs: stdlib | none | text:GLOB | jsonl:GLOB[:FIELD] | tfds:NAME."""
+    if spec in ("stdlib", "none"):
+        return SourceSpec(spec)
+    kind, _, rest = spec.partition(":")
+    if kind == "text" and rest:
+        return SourceSpec("text", rest)
+    if kind == "jsonl" and rest:
+        pattern, field = rest, "text"
+        # jsonl:GLOB:FIELD — a trailing ":name" without a slash is the field
+        head, sep, tail = rest.rpartition(":")
+        if sep and head and "/" not in tail and not tail.startswith("//"):
+            pattern, field = head, tail
+        return SourceSpec("jsonl", pattern, field)
+    if kind == "tfds" and rest:
+        return SourceSpec("tfds", rest)
+    raise ConfigError(f"{key}={spec!r} is not valid; use stdlib, text:GLOB, jsonl:GLOB[:FIELD], tfds:NAME or none")
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Training data: a GLM mixture over a corpus (see glm_jax/data/tasks.py)."""
 
@@ -274,8 +310,6 @@ class DataConfig:
     synthetic_vocab_size: int = 64  # mixture=synthetic: ordinary ids of the copy task
 
     def validate(self) -> None:
-        from glm_jax.data.tasks import parse_source  # the one parser of source specs
-
         parse_source(self.corpus, "data.corpus")
         parse_source(self.instructions, "data.instructions")
         _require(self.samples_per_row > 0, f"data.samples_per_row must be > 0, got {self.samples_per_row}")
@@ -459,9 +493,32 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+# The configs shipped inside the package (glm_jax/configs/NAME.yaml; `configs/` at the top of
+# a checkout links to the same files).
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def shipped_configs() -> list[str]:
+    """Names of the shipped configs (``glm-tiny``, ``chatglm-6b``, ...)."""
+    return sorted(n[: -len(".yaml")] for n in os.listdir(CONFIG_DIR) if n.endswith(".yaml"))
+
+
+def resolve_config(path_or_name: str) -> str:
+    """A config file: an existing path as given, else a shipped config by name
+    (``chatglm-6b`` or ``chatglm-6b.yaml``), from any working directory."""
+    if os.path.isfile(path_or_name):
+        return path_or_name
+    name = path_or_name.removesuffix(".yaml")
+    shipped = os.path.join(CONFIG_DIR, name + ".yaml")
+    if os.sep not in path_or_name and os.path.isfile(shipped):
+        return shipped
+    raise ConfigError(f"config file not found: {path_or_name}; shipped configs: {', '.join(shipped_configs())}")
+
+
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
-    """Load YAML at ``path`` (None: all defaults), apply ``key=value`` overrides, validate."""
-    data = _read_yaml(path) if path is not None else {}
+    """Load the YAML at ``path`` (a file, or the name of a shipped config; None: all
+    defaults), apply ``key=value`` overrides, validate."""
+    data = _read_yaml(resolve_config(path)) if path is not None else {}
     return config_from_dict(data, overrides)
 
 

@@ -1,6 +1,6 @@
 """``python -m glm_jax.info``: parameter count and per-device memory, computed abstractly.
 
-Nothing is allocated: shapes come from ``jax.eval_shape`` of the model's init and the
+Nothing is allocated: shapes come from ``glm_jax.model.abstract_params`` and the
 per-device share from the logical-axis rules on the configured mesh, so a laptop can
 size GLM-130B on a pod.
 
@@ -15,25 +15,12 @@ import math
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from glm_jax import cli
 from glm_jax.config import Config
-from glm_jax.model import GLM
+from glm_jax.model import abstract_params
 from glm_jax.parallel import rules
-
-
-def abstract_params(cfg: Config):
-    """Boxed (logically partitioned) parameter shapes, without allocating anything."""
-    m = cfg.model
-    model = GLM(m)
-    length = 8
-    tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
-    pos_shape = (1, 2, length) if m.position_encoding in ("rotary_2d", "learned_2d") else (1, length)
-    positions = jax.ShapeDtypeStruct(pos_shape, jnp.int32)
-    prefix = jax.ShapeDtypeStruct((1,), jnp.int32)
-    return jax.eval_shape(lambda t, p, a: model.init(jax.random.key(0), t, p, a), tokens, positions, prefix)["params"]
 
 
 def mesh_sizes(cfg: Config, devices: Optional[int]) -> dict[str, int]:
@@ -44,7 +31,7 @@ def mesh_sizes(cfg: Config, devices: Optional[int]) -> dict[str, int]:
 
 def report(cfg: Config, devices: Optional[int] = None) -> dict:
     sizes = mesh_sizes(cfg, devices)
-    boxed = abstract_params(cfg)
+    boxed = abstract_params(cfg.model, boxed=True)
     shapes = rules.unbox(boxed)
     specs = rules.logical_specs(boxed)
     leaves = jax.tree.leaves(shapes)

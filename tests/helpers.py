@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glm_jax.config import ModelConfig
-from glm_jax.model import GLM
+from glm_jax.model import parameters
 
 BASE = dict(
     vocab_size=128,
@@ -49,13 +49,8 @@ def variant(name: str, **overrides) -> ModelConfig:
     return dataclasses.replace(VARIANTS[name], **overrides)
 
 
-def init_params(cfg: ModelConfig, seed: int = 0, length: int = 8):
-    model = GLM(cfg)
-    tokens = jnp.zeros((1, length), jnp.int32)
-    two_d = cfg.position_encoding in ("rotary_2d", "learned_2d")
-    positions = jnp.zeros((1, 2, length) if two_d else (1, length), jnp.int32)
-    variables = model.init(jax.random.key(seed), tokens, positions, jnp.zeros((1,), jnp.int32))
-    return nn_unbox(variables["params"])
+def init_params(cfg: ModelConfig, seed: int = 0):
+    return nn_unbox(parameters.init_params(cfg, jax.random.key(seed)))
 
 
 def nn_unbox(tree):

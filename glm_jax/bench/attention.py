@@ -71,14 +71,13 @@ def _skip_arrays():
     """Forward and dK/dV block ranges and kept pairs; jitted once per (length, blocks)."""
     import jax
 
-    from glm_jax.kernels import block_mask
-    from glm_jax.model import masks
+    from glm_jax.kernels import attention_mask, block_mask
 
     @functools.partial(jax.jit, static_argnums=(2, 3))
     def arrays(plen, seg, length, blocks):
         bq, bk, bqb, bkb = blocks
         padded = -(-length // max(blocks)) * max(blocks)
-        tm = block_mask.token_mask(masks.part_a_end(plen, seg, length), seg, padded)
+        tm = block_mask.token_mask(attention_mask.part_a_end(plen, seg, length), seg, padded)
         return block_mask.q_block_ranges(tm, bq, bk), block_mask.kv_block_ranges(tm, bqb, bkb), block_mask.kept_pairs(tm, length)
 
     return arrays
@@ -100,11 +99,10 @@ def time_case(name: str, length: int, batch: int, heads: int, head_dim: int, dty
     import jax
     import jax.numpy as jnp
 
-    from glm_jax.kernels import block_mask, flash_attention, reference
-    from glm_jax.model import masks
+    from glm_jax.kernels import attention_mask, block_mask, flash_attention, reference
 
     plen, seg = mask_rows(name, batch, length)
-    pae = masks.part_a_end(jnp.asarray(plen), jnp.asarray(seg), length)
+    pae = attention_mask.part_a_end(jnp.asarray(plen), jnp.asarray(seg), length)
     seg = jnp.asarray(seg)
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v, ct = (jax.random.normal(x, (batch, length, heads, head_dim), jnp.float32).astype(dtype) for x in keys)

@@ -60,7 +60,8 @@ class RandomPool:
 def synthetic_hf(directory: str, *, vocab: int, hidden: int, layers: int, heads: int, inner: int,
                  fmt: str = "bin", shards: int = 1, seed: int = 0) -> dict:
     """Write a ChatGLM-6B-format checkpoint of random fp16 weights without holding it in memory."""
-    from glm_jax.convert import hf_write, layout
+    from glm_jax.convert import hf_write
+    from glm_jax.checkpoint import authors_layout
     from glm_jax.convert.hf_config import model_config
 
     hf = {
@@ -74,7 +75,7 @@ def synthetic_hf(directory: str, *, vocab: int, hidden: int, layers: int, heads:
     pool = RandomPool(seed)
     tensors = [
         hf_write.OutTensor(e.key, e.transform.authors_shape, "float32" if e.is_layernorm else "float16")
-        for e in layout.entries(cfg)
+        for e in authors_layout.entries(cfg)
     ]
 
     def rows(key: str):

@@ -29,8 +29,8 @@ def pipeline_rate(cfg, n_batches: int) -> dict:
     t = time.perf_counter()
     rows = real = 0
     for b in itertools.islice(gen, n_batches):
-        rows += b["tokens"].shape[0]
-        real += int((b["loss_weights"] > 0).sum() + (b["prefix_len"].sum()))
+        rows += b.tokens.shape[0]
+        real += int((b.loss_weights > 0).sum() + (b.prefix_len.sum()))
     elapsed = time.perf_counter() - t
     gen.close()
     return {
@@ -48,16 +48,12 @@ def train_rate(cfg, n_steps: int) -> float:
     import jax
 
     from glm_jax.data.synthetic import copy_batch
-    from glm_jax.model import GLM
     from glm_jax.parallel.mesh import make_mesh
-    from glm_jax.training.optimizer import make_optimizer
-    from glm_jax.training.state import init_state, make_train_step, state_shardings
+    from glm_jax.training.trainer import Trainer
 
     mesh = make_mesh(cfg.mesh)
-    model = GLM(cfg.model)
-    opt = make_optimizer(dataclasses.replace(cfg.train, steps=n_steps + 1))
-    state = init_state(cfg, model, opt, mesh, jax.random.key(0))
-    step = make_train_step(cfg, model, opt, mesh, state_shardings(cfg, model, opt, mesh))
+    trainer = Trainer.build(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=n_steps + 1)), mesh)
+    state, step = trainer.init_state(seed=0), trainer.train_step
     batch = copy_batch(cfg.model, cfg.train.batch_size, cfg.train.seq_len, 0, 0)
     state, m = step(state, batch)
     jax.block_until_ready(m)

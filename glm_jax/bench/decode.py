@@ -72,11 +72,11 @@ def random_params(cfg: ModelConfig, seed: int = 0):
     import jax
     import jax.numpy as jnp
 
-    from glm_jax.convert import layout
+    from glm_jax.checkpoint import authors_layout
 
     tree: dict = {}
     key = jax.random.key(seed)
-    for i, (path, shape) in enumerate(sorted(layout.leaf_shapes(cfg).items())):
+    for i, (path, shape) in enumerate(sorted(authors_layout.leaf_shapes(cfg).items())):
         node = tree
         for p in path[:-1]:
             node = node.setdefault(p, {})

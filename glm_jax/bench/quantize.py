@@ -44,17 +44,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     from glm_jax.config import load_config
-    from glm_jax.convert import output
+    from glm_jax.checkpoint import directory
     from glm_jax.data.pipeline import BatchStream
     from glm_jax.inference import quantize as qz
-    from glm_jax.loading import load
+    from glm_jax.inference.loading import load
 
-    cfg = load_config(os.path.join(args.checkpoint, output.CONFIG))
+    cfg = load_config(os.path.join(args.checkpoint, directory.CONFIG))
     model = load(args.checkpoint, quantize=0)
     stream = BatchStream(cfg, "validation")
     batches = [stream.next(cfg.train.batch_size) for _ in range(args.batches)]
     stream.close()
-    result = {"checkpoint": args.checkpoint, "batches": args.batches, "tokens": int(sum(b["loss_weights"].sum() for b in batches))}
+    result = {"checkpoint": args.checkpoint, "batches": args.batches, "tokens": int(sum(b.loss_weights.sum() for b in batches))}
     base = held_out_loss(model.config, model.params, batches)
     result["float"] = {"loss": base, "perplexity": math.exp(base)}
     for bits in qz.BITS[::-1]:

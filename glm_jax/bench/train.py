@@ -96,21 +96,15 @@ def _matmul_timers(sizes: Sequence[int] = (1024, 2048)):
 def time_steps(cfg: Config, steps: int) -> dict:
     """Steps and peak matmuls interleaved, so both see the same machine load."""
     import jax
-    import numpy as np
 
     from glm_jax.data.synthetic import copy_batch
-    from glm_jax.model import GLM
     from glm_jax.parallel.distributed import global_batch
     from glm_jax.parallel.mesh import make_mesh
-    from glm_jax.training.optimizer import make_optimizer
-    from glm_jax.training.state import init_state, make_train_step, state_shardings
+    from glm_jax.training.trainer import Trainer
 
     mesh = make_mesh(cfg.mesh)
-    model = GLM(cfg.model)
-    opt = make_optimizer(dataclasses.replace(cfg.train, steps=steps + 2))
-    shardings = state_shardings(cfg, model, opt, mesh)
-    state = init_state(cfg, model, opt, mesh, jax.random.key(0), shardings)
-    step = make_train_step(cfg, model, opt, mesh, shardings)
+    trainer = Trainer.build(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps + 2)), mesh)
+    state, step = trainer.init_state(seed=0), trainer.train_step
     batch = global_batch(copy_batch(cfg.model, cfg.train.batch_size, cfg.train.seq_len, 0, 0), mesh)
     t = time.perf_counter()
     state, m = step(state, batch)
@@ -125,9 +119,8 @@ def time_steps(cfg: Config, steps: int) -> dict:
         times.append(time.perf_counter() - t)
         for k, rate in timers.items():
             peaks[k].append(rate())
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     return {"step_s": times, "peaks": {k: max(v) for k, v in peaks.items()}, "compile_s": compile_s,
-            "parameters": n_params, "loss": float(m["loss"])}
+            "parameters": trainer.parameter_count(state), "loss": float(m["loss"])}
 
 
 def bench(cfg: Config, steps: int) -> dict:

@@ -1,7 +1,9 @@
-"""``python -m glm_jax.convert {from-hf,to-hf,from-sat,to-sat} --src DIR --dst DIR [...]``.
+"""``python -m glm_jax.convert {from-hf,to-hf,from-sat,to-sat,export} --src DIR --dst DIR [...]``.
 
-Bad input (a missing file, a tensor that disagrees with config.json, an existing
-destination) is one line on stderr and exit code 2, never a traceback.
+to-hf, to-sat and export read a params directory (from from-hf / from-sat / export) or a
+training workdir (``--step N``, default its newest checkpoint). Bad input (a missing
+file, a tensor that disagrees with config.json, an existing destination) is one line on
+stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ import re
 import sys
 from typing import Optional, Sequence
 
-from glm_jax.config import ConfigError
 from glm_jax.convert import memory
-from glm_jax.convert.errors import ConvertError
+from glm_jax.errors import UserError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -23,6 +24,10 @@ def parse_size(text: str) -> int:
     if not m or m.group(2).upper() not in _UNITS:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 2GB, 500MB, 10GiB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+SRC_HELP = "a glm_jax params directory (config.yaml and params/) or a training workdir (config.yaml and checkpoints/)"
+STEP_HELP = "with a training workdir: the checkpoint step to read (default: the newest)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", action="store_true", help="no progress line")
 
     t = sub.add_parser("to-hf", help="glm_jax checkpoint -> Hugging Face ChatGLM-6B checkpoint")
-    t.add_argument("--src", required=True, help="glm_jax checkpoint directory (config.yaml and params/)")
+    t.add_argument("--src", required=True, help=SRC_HELP)
+    t.add_argument("--step", type=int, default=None, help=STEP_HELP)
     t.add_argument("--dst", required=True, help="output directory")
     t.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="cast the weights (LayerNorms stay float32 for float16/bfloat16, as released); default: as stored")
@@ -72,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts = sub.add_parser("to-sat", help="glm_jax checkpoint -> tensor-parallel SAT checkpoint",
                         description="Split a glm_jax checkpoint into a SAT checkpoint of --tp ranks: GLM-130B's layout, or "
                                     "the original GLM's for models with learned positions.")
-    ts.add_argument("--src", required=True, help="glm_jax checkpoint directory (config.yaml and params/)")
+    ts.add_argument("--src", required=True, help=SRC_HELP)
+    ts.add_argument("--step", type=int, default=None, help=STEP_HELP)
     ts.add_argument("--dst", required=True, help="output directory (latest, <iteration>/mp_rank_XX_model_states.pt)")
     ts.add_argument("--tp", type=int, required=True, help="tensor-parallel degree: the number of rank files")
     ts.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="cast every tensor (default: as stored)")
@@ -82,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--iteration", default=None, help="the iteration directory name (default: the source's, else 1)")
     ts.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     ts.add_argument("--quiet", action="store_true", help="no progress line")
+
+    ex = sub.add_parser("export", help="training workdir -> standalone glm_jax params directory",
+                        description="Write the parameters of one checkpoint of a training workdir (no optimizer state) "
+                                    "as a params directory (config.yaml + params/) that glm_jax.load, to-hf, to-sat and "
+                                    "generate read, for sharing or archiving.")
+    ex.add_argument("--src", required=True, help=SRC_HELP)
+    ex.add_argument("--dst", required=True, help="output directory (config.yaml, params/)")
+    ex.add_argument("--step", type=int, default=None, help=STEP_HELP)
+    ex.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    ex.add_argument("--quiet", action="store_true", help="no progress line")
     return p
 
 
@@ -89,6 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     memory.return_freed_blocks()
     try:
+        # Each subcommand's module is imported when it runs: torch and tensorstore only for the work asked.
         if args.command == "from-hf":
             from glm_jax.convert import from_hf
 
@@ -106,12 +124,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out = from_sat.convert(args.src, args.dst, config=args.config, overrides=args.overrides, dtype=args.dtype,
                                    scan_layers=args.scan_layers, compression=args.compression,
                                    overwrite=args.overwrite, progress=not args.quiet)
-        else:
+        elif args.command == "to-sat":
             from glm_jax.convert import to_sat
 
             out = to_sat.convert(args.src, args.dst, tp=args.tp, dtype=args.dtype, quantize=args.quantize,
-                                 iteration=args.iteration, overwrite=args.overwrite, progress=not args.quiet)
-    except (ConvertError, ConfigError) as e:
+                                 iteration=args.iteration, step=args.step, overwrite=args.overwrite,
+                                 progress=not args.quiet)
+        else:
+            from glm_jax.checkpoint import params
+            from glm_jax.convert.progress import Progress
+
+            bar = None if args.quiet else Progress(1, "export")
+            out = params.export(args.src, args.dst, step=args.step, overwrite=args.overwrite,
+                                progress=bar.set if bar else None)
+            if bar:
+                bar.close()
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

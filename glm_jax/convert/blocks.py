@@ -1,7 +1,7 @@
 """Cutting one tensor into row blocks that map to boxes of our layout.
 
 Streaming conversion never holds a whole tensor: it reads a run of the authors' rows,
-applies the tensor's :class:`~glm_jax.convert.layout.Transform` to just that run and
+applies the tensor's :class:`~glm_jax.checkpoint.authors_layout.Transform` to just that run and
 writes the result as exactly one storage chunk of our array (so no chunk is ever read
 back and rewritten). This module works out those runs and boxes; it is pure index
 arithmetic, shared by both directions.
@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from glm_jax.convert.layout import Transform
+from glm_jax.checkpoint.authors_layout import Transform
 
 # 8 MiB blocks with 6 in flight measured fastest and smallest on 2 cores (bench convert).
 DEFAULT_BLOCK_BYTES = 8 << 20

@@ -5,7 +5,7 @@
 Everything is checked before anything is written: every tensor the config implies must
 be present with the implied shape, and nothing else may be (bar the rotary ``inv_freq``
 buffers the authors' loader ignores too). Then tensors are read in file order, a block
-of rows at a time, mapped to our layout (``glm_jax.convert.layout``) and written as one
+of rows at a time, mapped to our layout (``glm_jax.checkpoint.authors_layout``) and written as one
 storage chunk each; a stacked ``[layers, ...]`` leaf is filled one layer slice at a time
 and never exists in memory. Source dtypes are kept unless ``dtype`` is given (the
 release is fp16 with fp32 LayerNorms; to-hf writes them back the same way).
@@ -27,7 +27,8 @@ from typing import Optional
 import numpy as np
 
 from glm_jax.convert import blocks as blk
-from glm_jax.convert import hf_config, layout, output, params_write, quant
+from glm_jax.convert import hf_config, params_write
+from glm_jax.checkpoint import authors_layout, directory, params, quantized
 from glm_jax.convert.errors import ConvertError
 from glm_jax.convert.hf_read import HFSource
 from glm_jax.convert.progress import Progress
@@ -40,9 +41,6 @@ def _is_inv_freq(key: str) -> bool:
     return key.endswith("rotary_emb.inv_freq")
 
 
-def scale_key(weight_key: str) -> str:
-    return weight_key[: -len("weight")] + "weight_scale"
-
 
 def _expect(source: HFSource, key: str, shape: tuple, dtypes: tuple[str, ...]) -> None:
     info = source.infos.get(key)
@@ -54,15 +52,15 @@ def _expect(source: HFSource, key: str, shape: tuple, dtypes: tuple[str, ...]) -
         raise ConvertError(f"{info.file}: {key} has dtype {info.dtype}; expected {' or '.join(dtypes)}")
 
 
-def check_source(source: HFSource, cfg, entries: list[layout.Entry], bits: int = 0) -> None:
+def check_source(source: HFSource, cfg, entries: list[authors_layout.Entry], bits: int = 0) -> None:
     """Every implied tensor present with its implied shape and dtype; nothing unexplained."""
     wanted = set()
     for e in entries:
         wanted.add(e.key)
-        if bits and quant.is_quantized_linear(e.key):
-            _expect(source, e.key, quant.packed_shape(e.transform.authors_shape, bits), ("int8",))
-            wanted.add(scale_key(e.key))
-            _expect(source, scale_key(e.key), e.transform.authors_shape[:1], DTYPES)
+        if bits and quantized.is_quantized_linear(e.key):
+            _expect(source, e.key, quantized.packed_shape(e.transform.authors_shape, bits), ("int8",))
+            wanted.add(quantized.scale_key(e.key))
+            _expect(source, quantized.scale_key(e.key), e.transform.authors_shape[:1], DTYPES)
         else:
             _expect(source, e.key, e.transform.authors_shape, DTYPES)
     for key, info in source.infos.items():
@@ -110,26 +108,26 @@ def convert(
     bits = hf_config.quantization_bits(hf, where)
     cfg = dataclasses.replace(hf_config.model_config(hf, where), scan_layers=scan_layers)
     source = HFSource(src)
-    entries = layout.entries(cfg)
+    entries = authors_layout.entries(cfg)
     check_source(source, cfg, entries, bits)
     dtypes = params_write.leaf_dtypes(
-        entries, lambda e: "float16" if bits and quant.is_quantized_linear(e.key) else source.infos[e.key].dtype, dtype)
+        entries, lambda e: "float16" if bits and quantized.is_quantized_linear(e.key) else source.infos[e.key].dtype, dtype)
     cfg = dataclasses.replace(cfg, param_dtype=params_write.weights_dtype(dtypes), dtype="float32")
     total = sum(info.nbytes for k, info in source.infos.items() if not _is_inv_freq(k))
 
-    by_file: dict[str, list[layout.Entry]] = {}
+    by_file: dict[str, list[authors_layout.Entry]] = {}
     for e in entries:
         by_file.setdefault(source.infos[e.key].file, []).append(e)
     order = {k: i for i, k in enumerate(source.infos)}
 
-    with output.staged_output(dst, overwrite=overwrite) as tmp:
-        writer = params_write.ParamWriter(os.path.join(tmp, output.PARAMS), cfg, entries, dtypes,
+    with directory.staged_output(dst, overwrite=overwrite) as tmp:
+        writer = params_write.ParamWriter(os.path.join(tmp, directory.PARAMS), cfg, entries, dtypes,
                                           block_bytes=block_bytes, compression=compression)
-        keeper = params_write.KeptWriter(os.path.join(tmp, output.QUANTIZED)) if bits else None
+        keeper = params_write.KeptWriter(os.path.join(tmp, directory.QUANTIZED)) if bits else None
         if keeper:
             for e in entries:
-                if quant.is_quantized_linear(e.key):
-                    for key in (e.key, scale_key(e.key)):
+                if quantized.is_quantized_linear(e.key):
+                    for key in (e.key, quantized.scale_key(e.key)):
                         info = source.infos[key]
                         keeper.add(key, info.shape, np_dtype(info.dtype), writer.block_rows(e))
         scales = _read_scales(source, entries) if bits else {}
@@ -138,17 +136,17 @@ def convert(
         for file in source.files:
             with source.open(file) as reader:
                 for e in sorted(by_file.get(file, []), key=lambda x: order[x.key]):
-                    quantized = bits and quant.is_quantized_linear(e.key)
+                    is_quantized = bits and quantized.is_quantized_linear(e.key)
                     for b in writer.blocks(e):
                         with reader.block(e.key, b.row_start, b.row_stop) as rows:
                             nbytes = rows.numel() * rows.element_size()
-                            if quantized:
+                            if is_quantized:
                                 packed = to_numpy(rows).copy()
                                 scale = scales[e.key][b.row_start:b.row_stop]
                                 keeper.write(e.key, b.row_start, packed)
-                                keeper.write(scale_key(e.key), b.row_start, scale)
+                                keeper.write(quantized.scale_key(e.key), b.row_start, scale)
                                 nbytes += scale.nbytes
-                                rows = to_torch(quant.dequantize(packed, scale.astype(np.float16), bits))
+                                rows = to_torch(quantized.dequantize(packed, scale.astype(np.float16), bits))
                             writer.write(e, b, rows)
                         bar.update(nbytes)
         writer.finish()
@@ -156,15 +154,15 @@ def convert(
             keeper.finish()
         seconds = bar.close()
 
-        params_write.write_config(tmp, cfg)
-        with open(os.path.join(tmp, output.HF_SOURCE), "w") as f:
+        params.write_config(tmp, cfg)
+        with open(os.path.join(tmp, directory.HF_SOURCE), "w") as f:
             json.dump(_source_record(source, hf, bits), f, indent=1)
     return {"bytes": total, "seconds": seconds, "config": cfg}
 
 
-def _read_scales(source: HFSource, entries: list[layout.Entry]) -> dict[str, np.ndarray]:
+def _read_scales(source: HFSource, entries: list[authors_layout.Entry]) -> dict[str, np.ndarray]:
     """Every ``weight_scale`` up front (one fp16 per output row: small), keyed by its weight."""
-    keys = {scale_key(e.key): e.key for e in entries if quant.is_quantized_linear(e.key)}
+    keys = {quantized.scale_key(e.key): e.key for e in entries if quantized.is_quantized_linear(e.key)}
     out = {}
     for file in source.files:
         mine = [k for k in keys if source.infos[k].file == file]

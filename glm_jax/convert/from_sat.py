@@ -33,9 +33,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from glm_jax.config import Config, ConfigError, ModelConfig, load_config
+from glm_jax.config import Config, ConfigError, ModelConfig, load_config, resolve_config
 from glm_jax.convert import blocks as blk
-from glm_jax.convert import output, params_write, quant, sat_layout
+from glm_jax.convert import params_write, sat_layout
+from glm_jax.checkpoint import directory, params, quantized
 from glm_jax.convert.errors import ConvertError
 from glm_jax.convert.progress import Progress
 from glm_jax.convert.sat_layout import SatEntry
@@ -48,11 +49,8 @@ BUFFER_LIMIT = 1 << 20  # ignored tensors (inv_freq) up to this size are kept fo
 
 
 def config_path(name: str) -> str:
-    """A shipped config: ``configs/NAME`` under the working directory, else beside the package."""
-    here = os.path.join("configs", name)
-    if os.path.isfile(here):
-        return here
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", name)
+    """A shipped config (``glm_jax/configs/NAME``)."""
+    return resolve_config(name)
 
 
 def _default_config(fmt: str, sizes: dict[str, int]) -> str:
@@ -103,7 +101,7 @@ def quantization_bits(source: SatSource, entries: list[SatEntry]) -> int:
     if info is None or info.dtype != "int8":
         return 0
     merged = probe.split.merged_shape(info.shape, source.tp)
-    for bits in quant.BITS:
+    for bits in quantized.BITS:
         if merged == probe.quantized_shape(bits):
             return bits
     raise ConvertError(
@@ -127,7 +125,7 @@ def check_source(source: SatSource, cfg: ModelConfig, fmt: str, entries: list[Sa
     for key in source.keys:
         if key in wanted or sat_layout.is_ignored(key):
             continue
-        if key.endswith(sat_layout.SCALE_SUFFIX):
+        if key.endswith(".weight_scale"):
             raise ConvertError(f"{first}: {key} is a quantization scale, but the linears' weights are not int8")
         raise ConvertError(
             f"{first}: unexpected tensor {key} (not part of {sat_layout.DESCRIPTION[fmt]} for the config {where}: "
@@ -222,10 +220,10 @@ def convert(
     cfg = dataclasses.replace(cfg, param_dtype=params_write.weights_dtype(dtypes), dtype="float32")
     total = sum(source.shard_nbytes(k) * source.tp for k in source.keys if not sat_layout.is_ignored(k))
 
-    with output.staged_output(dst, overwrite=overwrite) as tmp:
-        writer = params_write.ParamWriter(os.path.join(tmp, output.PARAMS), cfg, [se.entry for se in entries], dtypes,
+    with directory.staged_output(dst, overwrite=overwrite) as tmp:
+        writer = params_write.ParamWriter(os.path.join(tmp, directory.PARAMS), cfg, [se.entry for se in entries], dtypes,
                                           block_bytes=block_bytes, compression=compression)
-        keeper = params_write.KeptWriter(os.path.join(tmp, output.QUANTIZED)) if bits else None
+        keeper = params_write.KeptWriter(os.path.join(tmp, directory.QUANTIZED)) if bits else None
         if keeper:
             for se in entries:
                 if se.quantizable:
@@ -254,8 +252,8 @@ def convert(
             keeper.finish()
         seconds = bar.close()
 
-        params_write.write_config(tmp, cfg, full)
-        with open(os.path.join(tmp, output.SAT_SOURCE), "w") as f:
+        params.write_config(tmp, cfg, full)
+        with open(os.path.join(tmp, directory.SAT_SOURCE), "w") as f:
             json.dump(_source_record(source, fmt, bits), f, indent=1)
     return {"bytes": total, "seconds": seconds, "config": cfg, "tp": source.tp, "layout": fmt}
 
@@ -280,7 +278,7 @@ def _write_quantized(source: SatSource, se: SatEntry, b: blk.Block, writer: para
     with source.pieces(se.key, se.split, a, b.row_stop) as qs, source.pieces(se.scale_key, se.scale_split, a, b.row_stop) as ss:
         qs = [to_numpy(q) for q in qs]
         ss = [to_numpy(s) for s in ss]
-        dense = [to_torch(quant.dequantize(q, s.astype(np.float16), bits)) for q, s in zip(qs, ss, strict=True)]
+        dense = [to_torch(quantized.dequantize(q, s.astype(np.float16), bits)) for q, s in zip(qs, ss, strict=True)]
         keeper.write(se.key, a, np.concatenate(qs, axis=axis))  # (copies: the views die with the block)
         keeper.write(se.scale_key, a, np.stack(ss) if se.split.kind == "cols" else np.concatenate(ss))
         nbytes = sum(x.nbytes for x in qs + ss)

@@ -15,6 +15,8 @@ import contextlib
 import pickle
 from typing import Iterator
 
+import numpy as np
+
 from glm_jax.convert import memory
 from glm_jax.convert.errors import ConvertError
 
@@ -22,8 +24,6 @@ from glm_jax.convert.errors import ConvertError
 def _numpy_globals() -> list:
     """What a numpy array in a checkpoint's metadata (e.g. DeepSpeed's saved RNG state)
     needs to unpickle: plain data types, no code."""
-    import numpy as np
-
     reconstruct = np._core.multiarray._reconstruct
     # files written under numpy 1.x name the function by its old module
     return [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype(np.uint32))]

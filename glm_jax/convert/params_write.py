@@ -1,24 +1,22 @@
 """Writing a glm_jax checkpoint from the authors' rows, one block at a time.
 
 Every importer (from-hf, from-sat) reads a source tensor a run of the authors' rows at
-a time; this module turns each run into our layout (``glm_jax.convert.layout``) and
+a time; this module turns each run into our layout (``glm_jax.checkpoint.authors_layout``) and
 writes it as exactly one storage chunk of the orbax checkpoint, filling a stacked
 ``[layers, ...]`` leaf one layer slice at a time. It also keeps a quantized source's
 own INT8/INT4 tensors (``quantized/``) so that the exporters can write them back bit
-for bit, and writes the ``config.yaml`` that describes the parameters.
+for bit, and (``glm_jax.checkpoint.params.write_config`` writes the ``config.yaml`` that describes them).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from glm_jax.config import Config, ModelConfig, TrainConfig, dump_config
+from glm_jax.config import ModelConfig
 from glm_jax.convert import blocks as blk
-from glm_jax.convert import layout, output, store
+from glm_jax.checkpoint import authors_layout, store
 from glm_jax.convert.errors import ConvertError
 from glm_jax.convert.tensors import np_dtype, to_numpy, torch_dtype
 
@@ -30,7 +28,7 @@ def check_dtype(dtype: Optional[str]) -> None:
         raise ConvertError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
 
 
-def leaf_dtypes(entries: list[layout.Entry], stored: Callable[[layout.Entry], str], dtype: Optional[str]) -> dict[tuple[str, ...], np.dtype]:
+def leaf_dtypes(entries: list[authors_layout.Entry], stored: Callable[[authors_layout.Entry], str], dtype: Optional[str]) -> dict[tuple[str, ...], np.dtype]:
     """The dtype of each leaf: ``dtype`` if given, else what the source stores (promoted
     over the layers a stacked leaf holds). ``stored(e)`` names the source dtype of ``e``."""
     out: dict[tuple[str, ...], np.dtype] = {}
@@ -50,13 +48,13 @@ class ParamWriter:
     """The parameter leaves of ``cfg`` in ``directory``, chunked so that each block of
     :meth:`blocks` is one chunk; :meth:`write` takes that block's authors' rows."""
 
-    def __init__(self, directory: str, cfg: ModelConfig, entries: list[layout.Entry],
+    def __init__(self, directory: str, cfg: ModelConfig, entries: list[authors_layout.Entry],
                  dtypes: dict[tuple[str, ...], np.dtype], *, block_bytes: int = blk.DEFAULT_BLOCK_BYTES,
                  compression: bool = True):
         self.cfg, self.dtypes = cfg, dtypes
         self.writer = store.CheckpointWriter(directory, compression=compression)
         self.arrays, self.units = {}, {}
-        for path, shape in layout.leaf_shapes(cfg).items():
+        for path, shape in authors_layout.leaf_shapes(cfg).items():
             e = next(x for x in entries if x.path == path)
             self.units[path] = blk.block_units(e.transform, dtypes[path].itemsize, block_bytes)
             chunks = blk.chunk_shape(e.transform, self.units[path])
@@ -64,21 +62,21 @@ class ParamWriter:
                 chunks = (1,) + chunks
             self.arrays[path] = self.writer.create(path, shape, dtypes[path], chunks)
 
-    def blocks(self, e: layout.Entry) -> Iterator[blk.Block]:
+    def blocks(self, e: authors_layout.Entry) -> Iterator[blk.Block]:
         return blk.blocks(e.transform, self.units[e.path])
 
-    def block_rows(self, e: layout.Entry) -> int:
+    def block_rows(self, e: authors_layout.Entry) -> int:
         """The most authors' rows any block of ``e`` has (the row chunk of kept tensors)."""
         return max(b.row_stop - b.row_start for b in self.blocks(e))
 
-    def write(self, e: layout.Entry, b: blk.Block, rows) -> None:
+    def write(self, e: authors_layout.Entry, b: blk.Block, rows) -> None:
         """``rows``: the authors' rows of ``b`` as a torch tensor (any dtype; cast here)."""
         box = blk.rows_to_ours(e.transform, b, rows.to(torch_dtype(self.dtypes[e.path].name)))
         if box.data_ptr() == rows.data_ptr():  # no copy was made: the view may die with the block
             box = box.clone()
-        self.writer.write(self.arrays[e.path], layout.leaf_index(e, self.cfg) + b.region, to_numpy(box))
+        self.writer.write(self.arrays[e.path], authors_layout.leaf_index(e, self.cfg) + b.region, to_numpy(box))
 
-    def write_pieces(self, e: layout.Entry, b: blk.Block, pieces: list, dim: int) -> None:
+    def write_pieces(self, e: authors_layout.Entry, b: blk.Block, pieces: list, dim: int) -> None:
         """Like :meth:`write` for rows given as ``pieces`` that join along the authors'
         dimension ``dim`` (0 or 1), each one tensor-parallel rank's share
         (``blocks.piece_split``): every piece is permuted straight into its part of our
@@ -95,7 +93,7 @@ class ParamWriter:
             split, n = blk.piece_split(t, b, piece, dim)
             out.narrow(axis, at, n).copy_(blk.permuted(split, t.perm))
             at += n
-        self.writer.write(self.arrays[e.path], layout.leaf_index(e, self.cfg) + b.region, to_numpy(out))
+        self.writer.write(self.arrays[e.path], authors_layout.leaf_index(e, self.cfg) + b.region, to_numpy(out))
 
     def finish(self) -> None:
         self.writer.finish()
@@ -124,14 +122,3 @@ class KeptWriter:
 
     def finish(self) -> None:
         self.writer.finish()
-
-
-def write_config(directory: str, cfg: ModelConfig, base: Optional[Config] = None) -> None:
-    """``config.yaml`` for the converted parameters: ``base``'s other sections, or training
-    defaults with the sequence length capped by the model's."""
-    if base is not None:
-        full = dataclasses.replace(base, model=cfg)
-    else:
-        full = Config(model=cfg, train=TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len)))
-    with open(os.path.join(directory, output.CONFIG), "w") as f:
-        f.write(dump_config(full))

@@ -54,6 +54,11 @@ class Progress:
             self._last = now
             self._emit(final=False)
 
+    def set(self, done: int, total: int) -> None:
+        """Report absolute progress (for work that counts its own bytes)."""
+        self.total = max(1, int(total))
+        self.update(int(done) - self.done)
+
     def close(self) -> float:
         """Print the final line; returns the elapsed seconds."""
         elapsed = time.perf_counter() - self.start

@@ -4,7 +4,7 @@ Two layouts share the file format (``<iter>/mp_rank_XX_model_states.pt`` holding
 ``{"module": state_dict, ...}``, GLM_SPEC §4.1):
 
 ``glm-130b``  GLM-130B's SwissArmyTransformer checkpoints: the keys of
-              ``glm_jax.convert.layout`` (``transformer.*``), QKV rows interleaved per
+              ``glm_jax.checkpoint.authors_layout`` (``transformer.*``), QKV rows interleaved per
               head, GeGLU ``dense_h_to_4h``, tied head.
 ``glm``       The original GLM (THUDM/GLM): ``word_embeddings.weight`` at the top level,
               learned position and block-position tables, QKV rows blocked
@@ -36,13 +36,12 @@ import dataclasses
 from typing import Optional
 
 from glm_jax.config import ModelConfig
-from glm_jax.convert import layout, quant
+from glm_jax.checkpoint import authors_layout, quantized
 
 LAYOUTS = ("glm-130b", "glm")
 DESCRIPTION = {"glm-130b": "GLM-130B's SAT layout", "glm": "the original GLM's layout"}
 # Tensors a converter passes over (the rotary inverse frequencies, recomputed by every loader).
 IGNORED_SUFFIXES = ("inv_freq",)
-SCALE_SUFFIX = "_scale"
 
 
 def is_ignored(key: str) -> bool:
@@ -119,7 +118,7 @@ class SatEntry:
     glm_jax's parameters (``entry``) and how it is split."""
 
     key: str
-    entry: layout.Entry
+    entry: authors_layout.Entry
     split: Split
 
     @property
@@ -128,11 +127,11 @@ class SatEntry:
 
     @property
     def quantizable(self) -> bool:
-        return quant.is_quantized_linear(self.entry.key)
+        return quantized.is_quantized_linear(self.entry.key)
 
     @property
     def scale_key(self) -> str:
-        return self.key + SCALE_SUFFIX
+        return quantized.scale_key(self.key)
 
     @property
     def scale_split(self) -> Split:
@@ -140,7 +139,7 @@ class SatEntry:
         return STACKED if self.split.kind == "cols" else self.split
 
     def quantized_shape(self, bits: int) -> tuple[int, ...]:
-        return quant.packed_shape(self.shape, bits)
+        return quantized.packed_shape(self.shape, bits)
 
     def merged_scale_shape(self, tp: int) -> tuple[int, ...]:
         """The kept scale's merged shape for a ``tp``-rank source."""
@@ -167,7 +166,7 @@ def _split(name: str, fmt: str, cfg: ModelConfig) -> Split:
 
 
 def _key(key: str, fmt: str) -> str:
-    """The SAT key of an authors' key of ``glm_jax.convert.layout``."""
+    """The SAT key of an authors' key of ``glm_jax.checkpoint.authors_layout``."""
     if fmt == "glm" and key == "transformer.word_embeddings.weight":
         return "word_embeddings.weight"
     return key
@@ -178,7 +177,7 @@ def sat_entries(cfg: ModelConfig, fmt: str) -> list[SatEntry]:
     if fmt not in LAYOUTS:
         raise ValueError(f"SAT layout {fmt!r}: expected one of {LAYOUTS}")
     out = []
-    for e in layout.entries(cfg, qkv="blocked" if fmt == "glm" else "interleaved"):
+    for e in authors_layout.entries(cfg, qkv="blocked" if fmt == "glm" else "interleaved"):
         name = e.key.split(".", 3)[3] if e.layer is not None else e.key
         out.append(SatEntry(_key(e.key, fmt), e, _split(name, fmt, cfg)))
     return out

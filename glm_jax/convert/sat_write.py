@@ -18,7 +18,7 @@ import numpy as np
 
 from glm_jax.convert.blocks import Block, joined_axis, permuted, piece_split
 from glm_jax.convert.hf_write import BinWriter, OutTensor
-from glm_jax.convert.layout import Transform
+from glm_jax.checkpoint.authors_layout import Transform
 from glm_jax.convert.sat_layout import Split
 from glm_jax.convert.sat_read import rank_file_name
 from glm_jax.convert.tensors import np_dtype, to_torch

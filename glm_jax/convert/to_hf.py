@@ -30,7 +30,8 @@ import numpy as np
 
 from glm_jax.config import ModelConfig
 from glm_jax.convert import blocks as blk
-from glm_jax.convert import hf_config, hf_write, layout, output, params_read, params_write, quant, store
+from glm_jax.convert import hf_config, hf_write, params_read, params_write
+from glm_jax.checkpoint import authors_layout, directory, quantized
 from glm_jax.convert.errors import ConvertError
 from glm_jax.convert.tensors import np_dtype
 from glm_jax.convert.progress import Progress
@@ -58,33 +59,32 @@ def convert(
     fmt: str = "bin",
     quantize: Optional[int] = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    step: Optional[int] = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Convert; ``quantize`` 4/8 writes INT4/INT8 linears, 0 dense ones, None as the from-hf source was."""
+    """Convert a params directory or a training workdir (at ``step``, default its newest
+    checkpoint); ``quantize`` 4/8 writes INT4/INT8 linears, 0 dense ones, None as the
+    from-hf source was."""
     params_write.check_dtype(dtype)
     if fmt not in FORMATS:
         raise ConvertError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
-    cfg = params_read.read_model_config(src)
+    stored = params_read.open_source(src, step)
+    cfg = stored.config
     hf_config.check_representable(cfg)
-    _, arrays = params_read.open_params(src, cfg)
-    record = {}
-    record_path = os.path.join(src, output.HF_SOURCE)
-    if os.path.isfile(record_path):
-        with open(record_path) as f:
-            record = json.load(f)
+    record = stored.source.record(directory.HF_SOURCE)
     bits = record.get("quantization_bit", 0) if quantize is None else quantize
-    if bits not in (0, *quant.BITS):
+    if bits not in (0, *quantized.BITS):
         raise ConvertError(f"--quantize {bits}: expected 0, 4 or 8")
-    kept = _Kept(src, bits) if bits and record.get("quantization_bit") == bits else None
+    kept = _Kept(stored.source.quantized_dir, bits) if bits and record.get("quantization_bit") == bits else None
 
-    entries = {e.key: e for e in layout.entries(cfg)}
+    entries = {e.key: e for e in authors_layout.entries(cfg)}
 
-    def out_dtype(e: layout.Entry) -> str:
-        if bits and quant.is_quantized_linear(e.key):
+    def out_dtype(e: authors_layout.Entry) -> str:
+        if bits and quantized.is_quantized_linear(e.key):
             return "float16"  # what is quantized, and what the runtime dequantizes to
         if dtype is None:
-            return params_read.stored_dtype(arrays[e.path])
+            return stored.dtype_name(e.path)
         return "float32" if e.is_layernorm and dtype in ("float16", "bfloat16") else dtype
 
     weights_dtype = out_dtype(entries["transformer.word_embeddings.weight"])
@@ -96,10 +96,11 @@ def convert(
         if with_inv_freq and key.endswith(".attention.query_key_value.weight"):
             inv_key = key.replace("query_key_value.weight", "rotary_emb.inv_freq")
             tensors.append(hf_write.OutTensor(inv_key, _inv_freq(cfg, inv_dtype).shape, inv_dtype))
-        if bits and quant.is_quantized_linear(key):
+        if bits and quantized.is_quantized_linear(key):
             shape = e.transform.authors_shape
-            tensors.append(hf_write.OutTensor(key, quant.packed_shape(shape, bits), "int8"))
-            tensors.append(hf_write.OutTensor(scale_key(key), shape[:1], kept.scale_dtype(key) if kept else "float16"))
+            tensors.append(hf_write.OutTensor(key, quantized.packed_shape(shape, bits), "int8"))
+            tensors.append(hf_write.OutTensor(quantized.scale_key(key), shape[:1],
+                                              kept.dtype_name(quantized.scale_key(key)) if kept else "float16"))
         else:
             tensors.append(hf_write.OutTensor(key, e.transform.authors_shape, out_dtype(e)))
     for t in tensors:
@@ -108,8 +109,8 @@ def convert(
 
     bar = Progress(sum(t.nbytes for t in tensors), "to-hf", enabled=progress)
 
-    def dense(e: layout.Entry) -> Iterator[tuple[blk.Block, np.ndarray]]:
-        return params_read.authors_blocks(e, arrays[e.path], cfg, out_dtype(e))
+    def dense(e: authors_layout.Entry) -> Iterator[tuple[blk.Block, np.ndarray]]:
+        return params_read.authors_blocks(e, stored.array(e.path), cfg, out_dtype(e))
 
     def rows(key: str) -> Iterator[np.ndarray]:
         for part in _rows(key):
@@ -119,18 +120,18 @@ def convert(
     def _rows(key: str) -> Iterator[np.ndarray]:
         if key.endswith("rotary_emb.inv_freq"):
             yield _inv_freq(cfg, inv_dtype)
-        elif key in entries and not (bits and quant.is_quantized_linear(key)):
+        elif key in entries and not (bits and quantized.is_quantized_linear(key)):
             yield from (part for _, part in dense(entries[key]))
         else:  # a quantized linear's weight or weight_scale
             wkey = key if key in entries else key[: -len("weight_scale")] + "weight"
             for b, part in dense(entries[wkey]):
-                q, scale = (kept.reuse(wkey, b, part) if kept else None) or quant.quantize(part, bits)
+                q, scale = (kept.reuse(wkey, b, part) if kept else None) or quantized.quantize(part, bits)
                 yield q if key == wkey else scale
 
     groups = hf_write.shard(tensors, max_shard_bytes)
     names, index_name = hf_write.shard_names(fmt, len(groups))
     write = hf_write.write_bin if fmt == "bin" else hf_write.write_safetensors
-    with output.staged_output(dst, overwrite=overwrite) as tmp:
+    with directory.staged_output(dst, overwrite=overwrite) as tmp:
         for name, group in zip(names, groups, strict=True):
             write(os.path.join(tmp, name), group, rows)
         if len(groups) > 1:
@@ -146,38 +147,19 @@ def convert(
     return {"bytes": bar.total, "seconds": seconds, "files": names}
 
 
-def scale_key(weight_key: str) -> str:
-    return weight_key[: -len("weight")] + "weight_scale"
-
-
-class _Kept:
+class _Kept(quantized.KeptTensors):
     """A quantized source's own tensors (``quantized/``, written by from-hf).
 
-    Requantizing dequantized weights does not always reproduce them (glm_jax.convert.quant),
+    Requantizing dequantized weights does not always reproduce them (glm_jax.checkpoint.quantized),
     so a block whose weights still dequantize from the kept tensors is written with those.
     """
 
-    def __init__(self, src: str, bits: int):
-        path = os.path.join(src, output.QUANTIZED)
-        self.reader = store.CheckpointReader(path) if os.path.isdir(path) else None
+    def __init__(self, path: Optional[str], bits: int):
+        super().__init__(path)
         self.bits = bits
-        self._open: dict = {}
-
-    def _array(self, key: str):
-        if key not in self._open:
-            self._open[key] = self.reader.open((key,))
-        return self._open[key]
-
-    def scale_dtype(self, weight_key: str) -> str:
-        key = scale_key(weight_key)
-        if self.reader is None or (key,) not in self.reader.leaves:
-            return "float16"
-        return np.dtype(self._array(key).dtype.numpy_dtype).name
 
     def reuse(self, weight_key: str, b: blk.Block, dense_rows: np.ndarray):
-        if self.reader is None or (weight_key,) not in self.reader.leaves:
+        if not self.has(weight_key):
             return None
-        rows = (slice(b.row_start, b.row_stop),)
-        q = np.asarray(self._array(weight_key)[rows].read().result())
-        scale = np.asarray(self._array(scale_key(weight_key))[rows].read().result())
-        return (q, scale) if quant.reproduces(q, scale, dense_rows, self.bits) else None
+        q, scale = self.pair(weight_key, slice(b.row_start, b.row_stop))
+        return (q, scale) if quantized.reproduces(q, scale, dense_rows, self.bits) else None

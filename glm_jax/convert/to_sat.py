@@ -24,13 +24,13 @@ columns from ranks sharing one scale (a multiple of the source's degree always d
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
 import numpy as np
 
-from glm_jax.convert import output, params_read, params_write, quant, sat_layout, store
+from glm_jax.convert import params_read, params_write, sat_layout
+from glm_jax.checkpoint import directory, quantized
 from glm_jax.convert.errors import ConvertError
 from glm_jax.convert.hf_write import OutTensor
 from glm_jax.convert.progress import Progress
@@ -41,33 +41,8 @@ from glm_jax.convert.tensors import np_dtype
 DEFAULT_ITERATION = "1"
 
 
-def read_record(src: str) -> dict:
-    path = os.path.join(src, output.SAT_SOURCE)
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{path} is not valid JSON: {e}") from None
-
-
-class KeptScales:
+class KeptScales(quantized.KeptTensors):
     """The quantized source's own tensors (``quantized/``, from from-sat), for reuse."""
-
-    def __init__(self, src: str, bits: int):
-        path = os.path.join(src, output.QUANTIZED)
-        self.reader = store.CheckpointReader(path) if os.path.isdir(path) else None
-        self.bits = bits
-        self._open: dict = {}
-
-    def has(self, key: str) -> bool:
-        return self.reader is not None and (key,) in self.reader.leaves
-
-    def array(self, key: str):
-        if key not in self._open:
-            self._open[key] = self.reader.open((key,))
-        return self._open[key]
 
     def rank_groups(self, se: SatEntry, tp: int) -> Optional[list[int]]:
         """For a row-parallel linear: which source rank's scales each of ``tp`` new ranks
@@ -121,7 +96,7 @@ def _plan(entries: list[SatEntry], tp: int, bits: int, quantize: Optional[int], 
         if bits and se.quantizable:
             scale_dtype = "float16"
             if kept and kept.has(se.key):
-                scale_dtype = params_read.stored_dtype(kept.array(se.scale_key))
+                scale_dtype = kept.dtype_name(se.scale_key)
                 if se.split.kind == "cols":
                     groups[se.key] = kept.rank_groups(se, tp)
                     if groups[se.key] is None and quantize is None:
@@ -147,32 +122,35 @@ def convert(
     dtype: Optional[str] = None,
     quantize: Optional[int] = None,
     iteration: Optional[str] = None,
+    step: Optional[int] = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Convert; ``quantize`` 4/8 writes INT4/INT8 linears, 0 dense ones, None as the from-sat source was."""
+    """Convert a params directory or a training workdir (at ``step``, default its newest
+    checkpoint); ``quantize`` 4/8 writes INT4/INT8 linears, 0 dense ones, None as the
+    from-sat source was."""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ConvertError(f"--tp {tp}: expected a positive number of tensor-parallel ranks")
     params_write.check_dtype(dtype)
-    if quantize not in (None, 0, *quant.BITS):
+    if quantize not in (None, 0, *quantized.BITS):
         raise ConvertError(f"--quantize {quantize}: expected 0, 4 or 8")
-    cfg = params_read.read_model_config(src)
+    stored = params_read.open_source(src, step)
+    cfg = stored.config
     fmt = sat_layout.layout_of(cfg)
     why = sat_layout.check_representable(cfg, fmt)
     if why:
         raise ConvertError(f"to-sat writes {sat_layout.DESCRIPTION[fmt]}, which cannot express this model: {why}")
-    _, arrays = params_read.open_params(src, cfg)
-    record = read_record(src)
+    record = stored.source.record(directory.SAT_SOURCE)
     src_bits = record.get("quantization_bit", 0)
     bits = src_bits if quantize is None else quantize
-    kept = KeptScales(src, bits) if bits and bits == src_bits else None
+    kept = KeptScales(stored.source.quantized_dir) if bits and bits == src_bits else None
     entries = sat_layout.sat_entries(cfg, fmt)
     by_key = {se.key: se for se in entries}
 
     def dense_dtype(se: SatEntry) -> str:
         if bits and se.quantizable:
             return "float16"  # what is quantized, and what the runtime dequantizes to
-        return dtype or params_read.stored_dtype(arrays[se.entry.path])
+        return dtype or stored.dtype_name(se.entry.path)
 
     merged, groups = _plan(entries, tp, bits, quantize, kept, dense_dtype)
     buffers = dict(record.get("buffers", {}))
@@ -198,7 +176,7 @@ def convert(
 
     it, trackers = _trackers(fmt, record, iteration)
     bar = Progress(sum(t.nbytes for t in tensors) * tp, "to-sat", enabled=progress)
-    with output.staged_output(dst, overwrite=overwrite) as tmp:
+    with directory.staged_output(dst, overwrite=overwrite) as tmp:
         for name, text in trackers.items():
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)
@@ -213,11 +191,11 @@ def convert(
             elif k in by_key:
                 se = by_key[k]
                 if bits and se.quantizable:
-                    _write_quantized(se, arrays[se.entry.path], cfg, merged, writers, kept, groups.get(k), bits, bar)
+                    _write_quantized(se, stored.array(se.entry.path), cfg, merged, writers, kept, groups.get(k), bits, bar)
                 else:
                     shape, dt, split = merged[k]
                     shards = Shards(writers, k, split, shape, dt)
-                    for b, box in params_read.ours_blocks(se.entry, arrays[se.entry.path], cfg):
+                    for b, box in params_read.ours_blocks(se.entry, stored.array(se.entry.path), cfg):
                         shards.add_box(se.entry.transform, b, box)
                         bar.update(box.numel() * np_dtype(dt).itemsize * (tp if split.kind == "replicated" else 1))
                     shards.done()
@@ -245,8 +223,8 @@ def _write_quantized(se: SatEntry, arr, cfg, merged: dict, writers: RankWriters,
                 pair = None
                 if kq is not None:
                     q, s = kq[:, r * qwidth:(r + 1) * qwidth], ks[groups[r]]
-                    pair = (q, s) if quant.reproduces(q, s, dense, bits) else None
-                q, s = pair or quant.quantize(dense, bits)
+                    pair = (q, s) if quantized.reproduces(q, s, dense, bits) else None
+                q, s = pair or quantized.quantize(dense, bits)
                 qs.put(r, a, q)
                 ss.put(r, a, s)
                 bar.update(q.nbytes + s.nbytes)
@@ -254,8 +232,8 @@ def _write_quantized(se: SatEntry, arr, cfg, merged: dict, writers: RankWriters,
             pair = None
             if kq is not None:
                 s = np.asarray(kept.array(se.scale_key)[a:z].read().result())
-                pair = (kq, s) if quant.reproduces(kq, s, rows, bits) else None
-            q, s = pair or quant.quantize(rows, bits)
+                pair = (kq, s) if quantized.reproduces(kq, s, rows, bits) else None
+            q, s = pair or quantized.quantize(rows, bits)
             qs.add(a, q)
             ss.add(a, s)
             bar.update(q.nbytes + s.nbytes)

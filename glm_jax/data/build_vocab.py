@@ -15,8 +15,12 @@ import sys
 import tempfile
 from typing import Optional, Sequence
 
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+
 from glm_jax import cli
 from glm_jax.config import ConfigError
+from glm_jax.data.corpus import unescape
 
 
 def expand(patterns: Sequence[str]) -> list[str]:
@@ -31,10 +35,6 @@ def expand(patterns: Sequence[str]) -> list[str]:
 
 def train(files: Sequence[str], vocab_size: int, output: str, *, model_type: str = "unigram", escaped: bool = False) -> str:
     """Train deterministically (fixed input order, single thread) and write ``output``."""
-    import sentencepiece as spm
-
-    from glm_jax.data.corpus import unescape
-
     if vocab_size < 16:
         raise ConfigError(f"--vocab-size must be >= 16, got {vocab_size}")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -53,8 +53,6 @@ def train(files: Sequence[str], vocab_size: int, output: str, *, model_type: str
             _train_sp(spm, text, prefix, vocab_size, model_type)
         except RuntimeError as e:  # e.g. a vocabulary larger than the text supports
             raise ConfigError(f"sentencepiece: {str(e).strip().splitlines()[0]}") from None
-        from sentencepiece import sentencepiece_model_pb2
-
         proto = sentencepiece_model_pb2.ModelProto()
         with open(prefix + ".model", "rb") as src:
             proto.ParseFromString(src.read())

@@ -3,7 +3,7 @@
 In the spirit of seqio's ``PrefixLMFeatureConverter``, but the prefix is GLM's Part A
 and packing keeps one Part A length per packed segment. Model features (length L):
 
-  tokens, targets, loss_weights, positions, block_ids    [L]   (block_ids: GLM's block positions)
+  tokens, targets, loss_weights, positions, block_positions    [L]   (GLM's block positions: 0 in Part A, 1, 2, ... in each span)
   prefix_len    scalar (padded rows)  or  [L // 2] per segment, entry s-1 for segment s (packed)
   segment_ids   [L], packed only: 1, 2, ... per example, 0 on padding
 
@@ -21,8 +21,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-FEATURES = ("tokens", "targets", "loss_weights", "positions", "block_ids")
-DTYPES = {"tokens": np.int32, "targets": np.int32, "loss_weights": np.float32, "positions": np.int32, "block_ids": np.int32}
+FEATURES = ("tokens", "targets", "loss_weights", "positions", "block_positions")
+DTYPES = {"tokens": np.int32, "targets": np.int32, "loss_weights": np.float32, "positions": np.int32, "block_positions": np.int32}
 
 
 class GLMFeatureConverter:
@@ -65,7 +65,7 @@ class GLMFeatureConverter:
             for k in FEATURES:
                 row[k][at : at + n] = ex[k]
             seg[at : at + n] = i + 1
-            plen[i] = int(np.count_nonzero(np.asarray(ex["block_ids"]) == 0))
+            plen[i] = int(np.count_nonzero(np.asarray(ex["block_positions"]) == 0))
             at += n
         if self.pack:
             row["segment_ids"] = seg

@@ -16,6 +16,14 @@ from typing import Iterator, Optional
 import numpy as np
 
 from glm_jax.config import Config, ConfigError
+from glm_jax.data import tasks
+from glm_jax.data.feature_converter import GLMFeatureConverter, batch_rows
+from glm_jax.data.synthetic import copy_rows
+from glm_jax.data.vocab import load_vocabulary
+from glm_jax.model.batch import Batch
+
+# TensorFlow and seqio are imported inside the functions that use them: they take seconds to
+# import, and config checks, the synthetic mixture and the jax-only tools never need them.
 
 
 class _DropSeqioCacheAdvice(logging.Filter):
@@ -49,9 +57,6 @@ def examples(cfg: Config, split: str = "train", *, process_index: int = 0, proce
     """The seqio mixture's examples (unbatched, variable length) as a tf.data.Dataset."""
     import seqio
 
-    from glm_jax.data import tasks
-    from glm_jax.data.vocab import load_vocabulary
-
     _tf()
     vocab = load_vocabulary(cfg.model, cfg.data.vocab, cfg.data.vocab_id_offset)
     name = tasks.register(cfg, vocab)
@@ -83,12 +88,21 @@ def _unbatch(blocks) -> Iterator[dict]:
             yield {k: values[k][a:b] for k in keys}
 
 
-def to_model_batch(batch: dict, cfg: Config) -> dict:
-    """Numpy converter output -> the model's inputs (2D positions stacked as [b, 2, L])."""
-    out = {k: np.asarray(v) for k, v in batch.items() if k != "block_ids"}
-    if cfg.model.position_encoding in ("rotary_2d", "learned_2d"):
-        out["positions"] = np.stack([batch["positions"], batch["block_ids"]], axis=1)
-    return out
+def to_model_batch(features: dict, cfg: Config) -> Batch:
+    """Numpy converter output -> the model's batch (with 2D positions, the block positions
+    become row 1 of ``positions``, ``[b, 2, L]``)."""
+    positions = np.asarray(features["positions"])
+    if cfg.model.two_d_positions:
+        positions = np.stack([positions, np.asarray(features["block_positions"])], axis=1)
+    segments = features.get("segment_ids")
+    return Batch(
+        tokens=np.asarray(features["tokens"]),
+        positions=positions,
+        prefix_len=np.asarray(features["prefix_len"]),
+        targets=np.asarray(features["targets"]),
+        loss_weights=np.asarray(features["loss_weights"]),
+        segment_ids=None if segments is None else np.asarray(segments),
+    )
 
 
 class BatchStream:
@@ -108,8 +122,6 @@ class BatchStream:
         self.process_index, self.process_count = process_index, process_count
         self._it = self._local_rows = None
         if cfg.data.mixture != "synthetic":
-            from glm_jax.data.feature_converter import GLMFeatureConverter
-
             tf = _tf()
             ds = examples(cfg, split, process_index=process_index, process_count=process_count)
             self._it = iter(ds.ragged_batch(EXAMPLE_BLOCK).prefetch(tf.data.AUTOTUNE))
@@ -118,17 +130,13 @@ class BatchStream:
             for _ in itertools.islice(self._local_rows, start_row // process_count):
                 pass  # replay to the resume position
 
-    def next(self, global_batch_size: int) -> dict:
+    def next(self, global_batch_size: int) -> Batch:
         per_host = host_batch_size(global_batch_size, self.process_count)
         if self._local_rows is None:
-            from glm_jax.data.synthetic import copy_rows
-
             cfg = self.cfg
             first = self.rows + self.process_index * per_host
             batch = copy_rows(cfg.model, first, per_host, cfg.train.seq_len, cfg.train.seed, cfg.data.synthetic_vocab_size)
         else:
-            from glm_jax.data.feature_converter import batch_rows
-
             batch = to_model_batch(next(batch_rows(itertools.islice(self._local_rows, per_host), per_host)), self.cfg)
         self.rows += global_batch_size
         return batch

@@ -9,7 +9,7 @@ these operations on short GLM samples.
 Randomness: each block gets a seed from seqio (``map_over_dataset(num_seeds=1)``) and one
 ``default_rng(seed)`` draws for the whole block (infilling builds a block in one pass), so
 the same dataset seed always yields the same examples. Output features, rank 1 and of one
-length per example: ``tokens, targets, loss_weights, positions, block_ids`` (GLM's block
+length per example: ``tokens, targets, loss_weights, positions, block_positions`` (GLM's block
 positions).
 """
 
@@ -21,10 +21,12 @@ import numpy as np
 
 from glm_jax.data import infilling as inf
 
-FEATURES = ("tokens", "targets", "loss_weights", "positions", "block_ids")
+FEATURES = ("tokens", "targets", "loss_weights", "positions", "block_positions")
 BLOCK = 256  # documents per block
 
 
+# TensorFlow and seqio are imported inside the functions that use them: they take seconds to
+# import, and config checks, the synthetic mixture and the jax-only tools never need them.
 def _tf():
     import tensorflow as tf
 

@@ -11,19 +11,20 @@ from __future__ import annotations
 import numpy as np
 
 from glm_jax.config import ModelConfig
-from glm_jax.model.masks import prepare_inputs
+from glm_jax.model.batch import Batch
+from glm_jax.model.positions import prepare_inputs
 
 
 def _special_ids(cfg: ModelConfig) -> list[int]:
     return [getattr(cfg, f) for f in cfg.__dataclass_fields__ if f.endswith("_token_id")]
 
 
-def copy_batch(cfg: ModelConfig, batch_size: int, seq_len: int, seed: int, step: int, vocab: int = 64) -> dict:
+def copy_batch(cfg: ModelConfig, batch_size: int, seq_len: int, seed: int, step: int, vocab: int = 64) -> Batch:
     """Batch ``step`` of a stream of ``batch_size``-row batches."""
     return copy_rows(cfg, step * batch_size, batch_size, seq_len, seed, vocab)
 
 
-def copy_rows(cfg: ModelConfig, first_row: int, n_rows: int, seq_len: int, seed: int, vocab: int = 64) -> dict:
+def copy_rows(cfg: ModelConfig, first_row: int, n_rows: int, seq_len: int, seed: int, vocab: int = 64) -> Batch:
     """Rows ``first_row ..`` of the stream; text tokens are ``vocab`` ordinary ids from 10."""
     specials = set(_special_ids(cfg))
     hi = min([i for i in specials if i > 10] + [cfg.vocab_size, 10 + vocab])  # ordinary ids lie below the specials
@@ -44,10 +45,5 @@ def copy_rows(cfg: ModelConfig, first_row: int, n_rows: int, seq_len: int, seed:
         targets[i, a + n] = cfg.eop_token_id
         weights[i, a : a + n + 1] = 1.0
     inputs = prepare_inputs(tokens, cfg)
-    return {
-        "tokens": tokens,
-        "targets": targets,
-        "loss_weights": weights,
-        "positions": inputs["positions"],
-        "prefix_len": inputs["prefix_len"],
-    }
+    return Batch(tokens=tokens, positions=inputs["positions"], prefix_len=inputs["prefix_len"], targets=targets,
+                 loss_weights=weights)

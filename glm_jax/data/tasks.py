@@ -29,10 +29,13 @@ import json
 import os
 from typing import Iterator, Optional
 
-from glm_jax.config import Config, ConfigError
+from glm_jax.config import Config, ConfigError, SourceSpec, parse_source
 from glm_jax.data import corpus
 from glm_jax.data import infilling as inf
 from glm_jax.data import preprocessors as prep
+
+# TensorFlow and seqio are imported inside the functions that use them: they take seconds to
+# import, and config checks, the synthetic mixture and the jax-only tools never need them.
 
 # What readers skipped or repaired, per process (shown by inspect and bench).
 STATS: collections.Counter = collections.Counter()
@@ -48,31 +51,6 @@ MIXTURES = {
 }
 GMASK_MIN_RATIO = {"glm-original": 0.5}  # else 0.2, GLM-130B's
 READ_BLOCK = prep.BLOCK  # documents per Python -> TensorFlow hand-over
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceSpec:
-    kind: str  # stdlib | text | jsonl | tfds | none
-    pattern: str = ""
-    field: str = "text"
-
-
-def parse_source(spec: str, key: str) -> SourceSpec:
-    if spec in ("stdlib", "none"):
-        return SourceSpec(spec)
-    kind, _, rest = spec.partition(":")
-    if kind == "text" and rest:
-        return SourceSpec("text", rest)
-    if kind == "jsonl" and rest:
-        pattern, field = rest, "text"
-        # jsonl:GLOB:FIELD — a trailing ":name" without a slash is the field
-        head, sep, tail = rest.rpartition(":")
-        if sep and head and "/" not in tail and not tail.startswith("//"):
-            pattern, field = head, tail
-        return SourceSpec("jsonl", pattern, field)
-    if kind == "tfds" and rest:
-        return SourceSpec("tfds", rest)
-    raise ConfigError(f"{key}={spec!r} is not valid; use stdlib, text:GLOB, jsonl:GLOB[:FIELD], tfds:NAME or none")
 
 
 def _glob(pattern: str) -> list[str]:
@@ -204,7 +182,7 @@ def _output_features(vocab_size: int):
         "targets": seqio.Feature(ints, add_eos=False, dtype=tf.int32),
         "loss_weights": seqio.Feature(ints, add_eos=False, dtype=tf.float32),
         "positions": seqio.Feature(ints, add_eos=False, dtype=tf.int32),
-        "block_ids": seqio.Feature(ints, add_eos=False, dtype=tf.int32),
+        "block_positions": seqio.Feature(ints, add_eos=False, dtype=tf.int32),
     }
 
 

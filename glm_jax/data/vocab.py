@@ -20,8 +20,13 @@ import os
 from typing import Optional, Sequence
 
 import numpy as np
+import sentencepiece as spm
 
 from glm_jax.config import ConfigError, ModelConfig
+from glm_jax.data import build_vocab, corpus
+
+# TensorFlow and seqio are imported inside the functions that use them: they take seconds to
+# import, and config checks, the synthetic mixture and the jax-only tools never need them.
 
 SPECIAL_PIECES = {
     "mask_token_id": "[MASK]",
@@ -44,8 +49,6 @@ class GLMVocabulary:
     """Text <-> model ids for one model config. Also a ``seqio.Vocabulary`` via ``.seqio()``."""
 
     def __init__(self, sp_model_path: str, cfg: ModelConfig, id_offset: int = 0):
-        import sentencepiece as spm
-
         if not os.path.exists(sp_model_path):
             raise ConfigError(f"vocabulary file not found: {sp_model_path}")
         self.path = sp_model_path
@@ -133,8 +136,6 @@ class GLMVocabulary:
 def default_vocabulary_path(cfg: ModelConfig) -> str:
     """A SentencePiece model trained on the default corpus, sized to end below the first
     special id (so the specials append after it); trained once and cached."""
-    from glm_jax.data import build_vocab, corpus
-
     size = min([getattr(cfg, f) for f in SPECIAL_PIECES] + [cfg.vocab_size])
     if size < 100:
         raise ConfigError(f"the default vocabulary needs the special ids >= 100, got a first special id of {size}")

@@ -9,8 +9,14 @@ import os
 import sys
 from typing import Optional
 
-from glm_jax.config import ConfigError
+import sentencepiece as spm
+
+from glm_jax.checkpoint import directory
+from glm_jax.config import ConfigError, MeshConfig, load_config
+from glm_jax.data.vocab import GLMVocabulary, default_vocabulary_path
+from glm_jax.inference.loading import load
 from glm_jax.inference.sampling import Sampling
+from glm_jax.inference.text import PromptText, until_stop
 
 
 class UsageError(ConfigError):
@@ -58,8 +64,6 @@ def sampling_from_args(args) -> Sampling:
 def _vocab_offset(path: str, cfg, given: Optional[int], configured: int) -> int:
     if given is not None:
         return given
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_file=path)
     pid = sp.piece_to_id("[gMASK]")
     if pid != sp.unk_id() and sp.id_to_piece(pid) == "[gMASK]":
@@ -69,20 +73,13 @@ def _vocab_offset(path: str, cfg, given: Optional[int], configured: int) -> int:
 
 def load_model_and_text(args):
     """(LoadedModel, PromptText) from the model flags; every problem is one clear line."""
-    from glm_jax.config import load_config
-    from glm_jax.convert import output
-    from glm_jax.data.vocab import GLMVocabulary, default_vocabulary_path
-    from glm_jax.inference.text import PromptText
-    from glm_jax.loading import load
-
     ckpt = args.checkpoint
     if not os.path.isdir(ckpt):
         raise UsageError(f"--checkpoint {ckpt}: no such directory")
-    cfg_file = load_config(os.path.join(ckpt, output.CONFIG)) if os.path.isfile(os.path.join(ckpt, output.CONFIG)) else None
+    cfg_file = load_config(os.path.join(ckpt, directory.CONFIG)) if os.path.isfile(os.path.join(ckpt, directory.CONFIG)) else None
     mesh = None
     if args.model_parallel > 1:
-        from glm_jax.config import MeshConfig
-        from glm_jax.parallel.mesh import make_mesh
+        from glm_jax.parallel.mesh import make_mesh  # builds a jax mesh: only with --model-parallel
 
         mesh = make_mesh(MeshConfig(data=-1, model=args.model_parallel))
     try:
@@ -92,7 +89,7 @@ def load_model_and_text(args):
     cfg = model.config
     path = args.vocab or (cfg_file.data.vocab if cfg_file else None)
     if path is None:
-        if os.path.exists(os.path.join(ckpt, output.HF_SOURCE)):
+        if os.path.exists(os.path.join(ckpt, directory.HF_SOURCE)):
             raise UsageError(f"{ckpt} was converted from Hugging Face: pass its vocabulary with --vocab (ChatGLM-6B: ice_text.model)")
         print("glm_jax: no --vocab given; using glm_jax's default vocabulary (built once and cached)", file=sys.stderr)
         path = default_vocabulary_path(cfg)
@@ -107,8 +104,6 @@ def stream_answer(model, text, prompt_ids: list[int], max_new_tokens: int, sampl
     """Generate for one prompt, writing the answer's text to ``out`` as it grows (nothing
     if None). Returns (answer text, answer ids without the stop token). ``bucket``: see
     ``LoadedModel.generate``."""
-    from glm_jax.inference.text import until_stop
-
     stops = model.generator.stop_tokens
     ids: list[int] = []
     shown = ""

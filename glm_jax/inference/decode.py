@@ -8,7 +8,7 @@ A prompt is what the authors' models take: ``text [gMASK] <sop>`` (ChatGLM-6B's 
 appends both), or ``text [MASK] text <sop>`` for GLM-130B's blank filling (§1.6). The
 prompts of a batch are left-padded to one length with ``pad_token_id``, as ChatGLM's
 tokenizer pads. The positions of every slot, generated ones included, come from
-``glm_jax.model.masks.prepare_inputs`` (the authors' rules: 1D for GLM-130B, 2D for
+``glm_jax.model.positions.prepare_inputs`` (the authors' rules: 1D for GLM-130B, 2D for
 ChatGLM-6B), applied once to the prompt followed by placeholders: the rules depend only
 on where the prompt's mask and ``<sop>`` are.
 
@@ -28,6 +28,7 @@ bursts a few tens of milliseconds apart.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -41,7 +42,8 @@ from jax import lax
 from glm_jax.config import ConfigError, ModelConfig
 from glm_jax.inference import kv_cache, quantize, weights
 from glm_jax.inference.sampling import Sampling, choose
-from glm_jax.model import GLM, prepare_inputs
+from glm_jax.model import GLM, abstract_params, prepare_inputs
+from glm_jax.parallel import rules
 
 
 class PromptError(ConfigError):
@@ -261,12 +263,8 @@ class Generator:
         return prefill, decode
 
     def _context(self):
-        import contextlib
-
         if self.mesh is None:
             return contextlib.nullcontext()
-        from glm_jax.parallel import rules
-
         stack = contextlib.ExitStack()
         stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(nn.logical_axis_rules(rules.logical_axis_rules()))
@@ -341,14 +339,10 @@ class Generator:
 
 
 def _batch_sharding(mesh) -> Callable[[int], Any]:
-    from glm_jax.parallel import rules
-
     return lambda ndim: rules.batch_sharding(mesh, ndim)
 
 
 def state_shardings(mesh, cfg: ModelConfig, positions_ndim: int) -> State:
-    from glm_jax.parallel import rules
-
     bsh = _batch_sharding(mesh)
     return State(
         tokens=bsh(2),
@@ -362,11 +356,5 @@ def state_shardings(mesh, cfg: ModelConfig, positions_ndim: int) -> State:
 
 def param_shardings(cfg: ModelConfig, params: Any, mesh) -> Any:
     """NamedShardings for ``params`` (float or quantized) from the model's logical axis names."""
-    from glm_jax.parallel import rules
-
-    two_d = cfg.position_encoding in ("rotary_2d", "learned_2d")
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    positions = jnp.zeros((1, 2, 1) if two_d else (1, 1), jnp.int32)
-    boxed = jax.eval_shape(lambda: GLM(cfg).init(jax.random.key(0), tokens, positions, jnp.zeros((1,), jnp.int32)))["params"]
-    specs = quantize.logical_specs(params, rules.logical_specs(boxed))
+    specs = quantize.logical_specs(params, rules.logical_specs(abstract_params(cfg, boxed=True)))
     return rules.logical_to_sharding(specs, mesh)

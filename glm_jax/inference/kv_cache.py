@@ -31,6 +31,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from glm_jax.config import ModelConfig
+from glm_jax.parallel import rules
 
 # Logical axes of one layer's k and v (glm_jax.parallel.rules maps them to mesh axes).
 K_AXES = ("batch", "act_heads", None, "length")
@@ -127,7 +128,6 @@ def nbytes(cfg: ModelConfig, batch: int, slots: int, dtype=None) -> int:
 
 def sharding(mesh: Mesh, cfg: ModelConfig, decoding: bool = False) -> KVCache:
     """Where a cache lives on ``mesh``: batch over the data axis, heads over the model axis."""
-    from glm_jax.parallel import rules
 
     def place(axes: tuple, stacked: bool) -> Any:
         spec = PartitionSpec(*((("layers",) if stacked else ()) + axes))

@@ -3,10 +3,10 @@
 The four linears of every layer (QKV, attention output, both MLP projections) become
 :class:`glm_jax.model.linear.QuantizedWeight` leaves; embeddings, the output head,
 LayerNorms and biases stay as they are. The arithmetic is the authors' and lives in one
-place, ``glm_jax.convert.quant`` (per output row absmax scale in fp16, round half to
+place, ``glm_jax.checkpoint.quantized`` (per output row absmax scale in fp16, round half to
 even, INT4 in [-7, 7], two values per byte with the even input column in the high
 nibble): each kernel is mapped to the authors' ``[out, in]`` rows by the converters'
-layout (``glm_jax.convert.layout``), quantized there, and the packed bytes and scales
+layout (``glm_jax.checkpoint.authors_layout``), quantized there, and the packed bytes and scales
 mapped back, so a quantized checkpoint's own tensors load bit for bit
 (:func:`from_authors`) and :func:`to_authors` gives them back.
 """
@@ -18,12 +18,13 @@ from typing import Any, Callable, Iterator, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from glm_jax.config import ConfigError, ModelConfig
-from glm_jax.convert import layout, quant
+from glm_jax.checkpoint import authors_layout, quantized
 from glm_jax.model.linear import QuantizedWeight
 
-BITS = quant.BITS
+BITS = quantized.BITS
 
 
 def check_bits(bits) -> int:
@@ -32,7 +33,7 @@ def check_bits(bits) -> int:
     return int(bits)
 
 
-def packed_transform(t: layout.Transform, bits: int) -> layout.Transform:
+def packed_transform(t: authors_layout.Transform, bits: int) -> authors_layout.Transform:
     """The kernel's transform for its packed ``[out, in * bits / 8]`` int8 rows. Our layouts
     keep the authors' input dimension last in ``split`` and first in our axes, so packing
     along the authors' columns packs our last input axis."""
@@ -40,20 +41,20 @@ def packed_transform(t: layout.Transform, bits: int) -> layout.Transform:
         return t
     rows, cols = t.authors_shape
     split = t.split[:-1] + (t.split[-1] * bits // 8,)
-    return layout.Transform((rows, cols * bits // 8), split, t.perm, t.lead, t.block_axis)
+    return authors_layout.Transform((rows, cols * bits // 8), split, t.perm, t.lead, t.block_axis)
 
 
-def scale_transform(t: layout.Transform) -> layout.Transform:
+def scale_transform(t: authors_layout.Transform) -> authors_layout.Transform:
     """The transform of the per-output-row scale ``[out]``: our output axes, in our order."""
     perm = tuple(p for p in t.perm if p < t.lead)
-    return layout.Transform((t.authors_shape[0],), t.split[: t.lead], perm, lead=t.lead)
+    return authors_layout.Transform((t.authors_shape[0],), t.split[: t.lead], perm, lead=t.lead)
 
 
-def _linear_entries(cfg: ModelConfig) -> dict[tuple[str, ...], list[layout.Entry]]:
+def _linear_entries(cfg: ModelConfig) -> dict[tuple[str, ...], list[authors_layout.Entry]]:
     """Each quantized leaf's path -> its per-layer entries (one entry when unrolled)."""
-    out: dict[tuple[str, ...], list[layout.Entry]] = {}
-    for e in layout.entries(cfg):
-        if quant.is_quantized_linear(e.key):
+    out: dict[tuple[str, ...], list[authors_layout.Entry]] = {}
+    for e in authors_layout.entries(cfg):
+        if quantized.is_quantized_linear(e.key):
             out.setdefault(e.path, []).append(e)
     return out
 
@@ -72,7 +73,7 @@ def _set(tree: dict, path: tuple[str, ...], value) -> dict:
 
 
 def _build(
-    params: dict, cfg: ModelConfig, bits: int, authors_rows: Callable[[layout.Entry], tuple[np.ndarray, np.ndarray]]
+    params: dict, cfg: ModelConfig, bits: int, authors_rows: Callable[[authors_layout.Entry], tuple[np.ndarray, np.ndarray]]
 ) -> dict:
     """Replace every quantized linear leaf; ``authors_rows(entry)`` gives its (weight, scale)
     in the authors' layout (int8 ``[out, in * bits / 8]``, and ``[out]``, or ``[groups, out]``
@@ -105,10 +106,10 @@ def quantize(params: dict, cfg: ModelConfig, bits: int) -> dict:
     """
     bits = check_bits(bits)
 
-    def rows(e: layout.Entry):
+    def rows(e: authors_layout.Entry):
         leaf = _get(params, e.path)
-        w = np.asarray(leaf[layout.leaf_index(e, cfg)], np.float32)
-        return quant.quantize(e.transform.to_authors(w).astype(np.float16), bits)
+        w = np.asarray(leaf[authors_layout.leaf_index(e, cfg)], np.float32)
+        return quantized.quantize(e.transform.to_authors(w).astype(np.float16), bits)
 
     return _build(params, cfg, bits, rows)
 
@@ -131,7 +132,7 @@ def to_authors(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray
         pt, st = packed_transform(t, w.bits), scale_transform(t)
         q, s = np.asarray(w.q), np.asarray(w.scale)
         for e in group:
-            idx = layout.leaf_index(e, cfg)
+            idx = authors_layout.leaf_index(e, cfg)
             scale = np.stack([st.to_authors(g) for g in s[idx]]) if w.groups > 1 else st.to_authors(s[idx])
             yield e.key, pt.to_authors(q[idx]), scale
 
@@ -146,12 +147,12 @@ def is_quantized(params: Any) -> Optional[int]:
 def linear_bytes(params: Any) -> dict:
     """Bytes the quantized linears take on device, against the same weights in bf16."""
     leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
-    quantized = bf16 = 0
+    stored = bf16 = 0
     for w in leaves:
         if isinstance(w, QuantizedWeight):
-            quantized += w.q.nbytes + w.scale.nbytes
+            stored += w.q.nbytes + w.scale.nbytes
             bf16 += 2 * w.q.size * (8 // w.bits)
-    return {"quantized_bytes": quantized, "bf16_bytes": bf16, "ratio": quantized / bf16 if bf16 else None}
+    return {"quantized_bytes": stored, "bf16_bytes": bf16, "ratio": stored / bf16 if bf16 else None}
 
 
 def logical_specs(params: Any, float_specs: Any) -> Any:
@@ -160,8 +161,6 @@ def logical_specs(params: Any, float_specs: Any) -> Any:
     ``q`` is split like the float kernel; ``scale`` like the kernel's output axes (its
     group axis, if any, unsplit).
     """
-    from jax.sharding import PartitionSpec
-
     def one(leaf, spec):
         if not isinstance(leaf, QuantizedWeight):
             return spec

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glm_jax.config import ModelConfig
-from glm_jax.convert import layout, quant
+from glm_jax.checkpoint import authors_layout, quantized
 from glm_jax.model import linear
 from glm_jax.model.linear import Bf16Bits, QuantizedWeight
 
@@ -54,7 +54,7 @@ def unstack(params: dict, cfg: ModelConfig) -> dict:
     out = {k: v for k, v in params.items() if k != "layers"}
     stacked = params["layers"]["block"]
     for i in range(cfg.num_layers):
-        out[layout.layer_prefix(generation_config(cfg), i)[0]] = jax.tree.map(
+        out[authors_layout.layer_prefix(generation_config(cfg), i)[0]] = jax.tree.map(
             lambda w, i=i: linear.map_compact(lambda a: a[i], w), stacked, is_leaf=linear.is_compact
         )
     return out
@@ -80,7 +80,7 @@ def for_generation(cfg: ModelConfig, params: Any, *, mesh=None, backend: Optiona
         backend = mesh.devices.flat[0].platform
     cpu = (backend or jax.default_backend()) == "cpu"
     stream = _streams(mesh, backend)
-    linears = {e.path for e in layout.entries(gen_cfg) if quant.is_quantized_linear(e.key)}
+    linears = {e.path for e in authors_layout.entries(gen_cfg) if quantized.is_quantized_linear(e.key)}
     tables = {("word_embeddings",), ("lm_head",)}
     bits16 = stream and dtype == jnp.bfloat16
 

@@ -1,6 +1,6 @@
 """Which blocks of GLM's mask a kernel must visit, from one integer per token.
 
-The rule (``glm_jax.model.masks``): key k is visible to query q iff
+The rule (``glm_jax.kernels.attention_mask``): key k is visible to query q iff
 ``seg[k] == seg[q] and k < lim[q]`` with ``lim[q] = max(part_a_end[q], q + 1)``.
 
 When every segment id occupies one contiguous run of tokens (what packing and padding
@@ -27,6 +27,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from glm_jax.kernels import attention_mask
 
 # Segment id of the rows a kernel appends to reach a multiple of its block size: never
 # equal to a caller's id, so real queries never see them.
@@ -134,9 +136,7 @@ def dense_classes(
     part_a_end: jax.Array, segment_ids: Optional[jax.Array], block_q: int, block_kv: int, padded_length: int
 ) -> jax.Array:
     """EMPTY / PARTIAL / FULL per block from the dense L x L mask (tests and small checks only)."""
-    from glm_jax.model import masks
-
-    vis = masks.dense_visibility(jnp.asarray(part_a_end, jnp.int32), segment_ids)
+    vis = attention_mask.dense_visibility(jnp.asarray(part_a_end, jnp.int32), segment_ids)
     b, n, _ = vis.shape
     nq, nk = padded_length // block_q, padded_length // block_kv
     pad = padded_length - n

@@ -2,7 +2,7 @@
 
 ``attention`` takes the XLA reference's arguments (``glm_jax.kernels.reference``) and
 returns the same values: q, k, v ``[batch, length, heads, head_dim]``, ``part_a_end`` and
-optional ``segment_ids`` (one integer per token, ``glm_jax.model.masks``), the layer scale
+optional ``segment_ids`` (one integer per token, ``glm_jax.kernels.attention_mask``), the layer scale
 and attention dropout (in-kernel, the reference's exact mask). The mask is evaluated
 inside the kernels from those integers; the blocks to visit come from
 ``glm_jax.kernels.block_mask`` (empty blocks are neither loaded nor computed).

@@ -20,6 +20,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 from glm_jax.kernels import dropout_hash
 
@@ -55,7 +56,6 @@ def cost(batch: int, heads: int, head_dim: int, padded: int, matmuls: int, array
     """What XLA's scheduler is told a kernel costs: FLOPs and exps as if it visited every
     block (an upper bound: the visited share is data-dependent), and each of ``arrays``
     ``[batch, length, heads, head_dim]`` operands moved once."""
-    from jax.experimental import pallas as pl
 
     pairs = batch * heads * padded * padded
     return pl.CostEstimate(

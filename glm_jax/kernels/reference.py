@@ -5,7 +5,7 @@ q <- q / (sqrt(d) * c) in the compute dtype, scores = q.k accumulated in float32
 masked scores set to -10000, scores * c in float32, softmax in float32, then the
 probabilities cast back to the compute dtype for the product with v. Without layer
 scaling it is plain softmax(q.k / sqrt(d)). The L x L mask exists only inside this
-function, built from one integer per token (see ``glm_jax.model.masks``).
+function, built from one integer per token (see ``glm_jax.kernels.attention_mask``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
+from glm_jax.kernels import attention_mask
 
 MASK_VALUE = -10000.0
 
@@ -44,11 +46,10 @@ def attention(
 
     layer_scale: c = layer_index + 1 (scalar), or None for no layer scaling.
     """
-    from glm_jax.model import masks  # here: glm_jax.model imports this module at package import
 
     q, c = scale_query(q, layer_scale)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    mask = masks.dense_visibility(part_a_end, segment_ids)[:, None, :, :]
+    mask = attention_mask.dense_visibility(part_a_end, segment_ids)[:, None, :, :]
     scores = jnp.where(mask, scores, jnp.float32(MASK_VALUE))
     if layer_scale is not None:
         scores = scores * c

@@ -2,8 +2,8 @@
 
 One configurable module covers GLM-130B, ChatGLM-6B and the original GLM (GLM_SPEC §8).
 Inputs are token ids, positions (``[b, L]`` or ``[b, 2, L]``), per-example Part A
-lengths and optional segment ids; see ``glm_jax.model.masks`` for the mask rule and
-``masks.prepare_inputs`` to build these from token ids.
+lengths and optional segment ids; see ``glm_jax.kernels.attention_mask`` for the mask rule
+and ``glm_jax.model.positions.prepare_inputs`` to build these from token ids.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from glm_jax.config import ModelConfig
-from glm_jax.model import init, linear, masks
+from glm_jax.kernels import attention_mask
+from glm_jax.model import init, linear
 from glm_jax.model.block import Block, layer_norm
 
 REMAT_POLICIES = {
@@ -117,7 +118,7 @@ class GLM(nn.Module):
         cfg = self.cfg
         length = tokens.shape[1]
         positions = jnp.asarray(positions, jnp.int32)
-        a_end = None if prefix_len is None else masks.part_a_end(prefix_len, segment_ids, length)
+        a_end = None if prefix_len is None else attention_mask.part_a_end(prefix_len, segment_ids, length)
         x = self.embed(tokens, positions)
         if cfg.scan_layers:
             layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)

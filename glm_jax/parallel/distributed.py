@@ -45,13 +45,17 @@ import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh
 
 from glm_jax.config import ConfigError, MeshConfig
 from glm_jax.parallel import rules
+
+T = TypeVar("T")
 
 _SWITCH = "GLM_JAX_DISTRIBUTED"
 _TIMEOUT = "GLM_JAX_INIT_TIMEOUT"
@@ -108,7 +112,7 @@ def _int(env: Mapping[str, str], name: str) -> int:
 def _cloud_tpu_chips() -> bool:
     """Whether Cloud TPU chips sit on this machine's PCI bus (a sysfs read, no network)."""
     try:
-        from jax._src import hardware_utils
+        from jax._src import hardware_utils  # private, and absent in some jax builds: only here, guarded
 
         return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
     except (ImportError, AttributeError, OSError):  # private module moved, sysfs unreadable: env only
@@ -267,8 +271,6 @@ def any_process(flag: bool) -> bool:
     """
     if jax.process_count() == 1:
         return bool(flag)
-    from jax.experimental import multihost_utils
-
     return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag), np.int32))))
 
 
@@ -316,7 +318,6 @@ def multislice_mesh(cfg: MeshConfig, devices: Sequence | None = None, *, process
             f"mesh: mesh.data={sizes['data']} must be a multiple of the {granules} slices; only the data axis "
             "may span slices (DCN), so give mesh.model and mesh.pipe sizes that fit inside one slice"
         )
-    from jax.experimental import mesh_utils
 
     ici = [sizes[a] // granules if a == "data" else sizes[a] for a in rules.MESH_AXES]
     dcn = [granules if a == "data" else 1 for a in rules.MESH_AXES]
@@ -326,17 +327,20 @@ def multislice_mesh(cfg: MeshConfig, devices: Sequence | None = None, *, process
     return Mesh(grid, rules.MESH_AXES, axis_types=(AxisType.Auto,) * len(rules.MESH_AXES))
 
 
-def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows of a batch -> global arrays sharded over the batch axis.
+def global_batch(local_batch: T, mesh: Mesh) -> T:
+    """This process's rows of a batch (any pytree of ``[rows, ...]`` arrays, e.g. a
+    ``glm_jax.model.Batch``) -> the same structure of global arrays sharded over the
+    batch axis.
 
     Every process calls it with its own rows (from ``batches`` with ``data_shard(mesh)``);
     with one process it is ``jax.device_put(batch, batch_sharding)``.
     """
-    out = {}
-    for name, value in local_batch.items():
+
+    def place(value):
         value = np.asarray(value)
-        out[name] = jax.make_array_from_process_local_data(rules.batch_sharding(mesh, value.ndim), value)
-    return out
+        return jax.make_array_from_process_local_data(rules.batch_sharding(mesh, value.ndim), value)
+
+    return jax.tree.map(place, local_batch)
 
 
 __all__ = [

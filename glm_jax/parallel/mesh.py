@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from glm_jax.config import MeshConfig
@@ -20,6 +21,5 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     if len(devices) == jax.device_count():
         # Lets jax pick a topology-aware device order (ICI rings on TPU).
         return jax.make_mesh(shape, MESH_AXES, axis_types=_AUTO, devices=devices)
-    import numpy as np
 
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=_AUTO)

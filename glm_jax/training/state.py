@@ -16,7 +16,7 @@ import optax
 from jax.sharding import Mesh
 
 from glm_jax.config import Config
-from glm_jax.model import GLM
+from glm_jax.model import GLM, Batch, init_params
 from glm_jax.model.glm import output_embedding
 from glm_jax.model.grad_shrink import shrink_embedding_gradient
 from glm_jax.parallel import rules
@@ -31,18 +31,8 @@ class TrainState:
     skipped: jax.Array  # updates skipped because the loss or a gradient was not finite
 
 
-def _example_inputs(cfg: Config, batch: int = 1):
-    m = cfg.model
-    length = cfg.train.seq_len
-    tokens = jnp.zeros((batch, length), jnp.int32)
-    two_d = m.position_encoding in ("rotary_2d", "learned_2d")
-    positions = jnp.zeros((batch, 2, length) if two_d else (batch, length), jnp.int32)
-    prefix = jnp.zeros((batch,), jnp.int32)
-    return tokens, positions, prefix
-
-
 def _init_boxed(cfg: Config, model: GLM, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    params = model.init(rng, *_example_inputs(cfg))["params"]
+    params = init_params(cfg.model, rng)
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=optimizer.init(params), skipped=zero)
 
@@ -91,24 +81,21 @@ def init_state(cfg: Config, model: GLM, optimizer, mesh: Mesh, rng: jax.Array, s
         return init(rng)
 
 
-def loss_sums(model: GLM, params, batch: dict, dropout_rng: jax.Array | None = None, vocab_chunks: int = 1):
+def loss_sums(model: GLM, params, batch: Batch, dropout_rng: jax.Array | None = None, vocab_chunks: int = 1):
     """Summed Part B loss and target-token count of a batch (float32)."""
     out = model.apply(
         {"params": params},
-        batch["tokens"],
-        batch["positions"],
-        batch["prefix_len"],
-        batch.get("segment_ids"),
+        *batch.inputs(),
         return_hidden=vocab_chunks > 1,
         rngs=None if dropout_rng is None else {"dropout": dropout_rng},
     )
     if vocab_chunks > 1:
         head = output_embedding(params, model.cfg)
-        return chunked_cross_entropy(out, head, batch["targets"], batch["loss_weights"], vocab_chunks)
-    return masked_cross_entropy(out, batch["targets"], batch["loss_weights"])
+        return chunked_cross_entropy(out, head, batch.targets, batch.loss_weights, vocab_chunks)
+    return masked_cross_entropy(out, batch.targets, batch.loss_weights)
 
 
-def split_microbatches(batch: dict, n: int) -> dict:
+def split_microbatches(batch: Batch, n: int) -> Batch:
     """``[B, ...]`` -> ``[n, B/n, ...]`` taking every n-th row, so that each microbatch draws
     evenly from every data shard and stays split over ``data`` without moving rows."""
 
@@ -122,7 +109,7 @@ def split_microbatches(batch: dict, n: int) -> dict:
 def loss_and_grads(
     model: GLM,
     params,
-    batch: dict,
+    batch: Batch,
     dropout_rng: jax.Array | None = None,
     *,
     microbatches: int = 1,
@@ -174,7 +161,7 @@ def make_train_step(cfg: Config, model: GLM, optimizer, mesh: Mesh, state_shardi
     grad_shardings = gradient_shardings(cfg, model, optimizer, mesh)
     zero1 = cfg.mesh.param_sharding == "zero1"
 
-    def step(state: TrainState, batch: dict):
+    def step(state: TrainState, batch: Batch):
         rng = jax.random.fold_in(seed_key, state.step) if dropout else None
         loss, weight, grads = loss_and_grads(
             model,
@@ -213,7 +200,8 @@ def make_eval_step(model: GLM, mesh: Mesh, state_sharding, vocab_chunks: int = 1
 
 
 def _jit_per_batch_keys(step, mesh: Mesh, leading_shardings: tuple, out_shardings, donate: tuple) -> Callable:
-    """jit ``step(*leading, batch)`` with the batch sharded over ``batch``; one compile per batch layout."""
+    """jit ``step(*leading, batch)`` with the batch sharded over ``batch``; one compile per
+    batch layout (with or without segment ids, 1D or 2D positions, per-segment Part A)."""
 
     def batch_sharding(batch):
         return jax.tree.map(lambda x: rules.batch_sharding(mesh, x.ndim), batch)
@@ -222,7 +210,7 @@ def _jit_per_batch_keys(step, mesh: Mesh, leading_shardings: tuple, out_sharding
 
     def run(*args):
         *leading, batch = args
-        key = tuple(sorted(batch))
+        key = (jax.tree.structure(batch), tuple(x.ndim for x in jax.tree.leaves(batch)))
         if key not in jitted:
             jitted[key] = jax.jit(
                 step,

@@ -15,7 +15,7 @@ class ScalarWriter:
         self.directory = directory
         self._writer = None
         if directory:
-            import tensorflow as tf
+            import tensorflow as tf  # seconds to import: only when TensorBoard output is on
 
             try:
                 tf.config.set_visible_devices([], "GPU")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import chatglm_fixtures as fx
-from glm_jax.convert import store
+from glm_jax.checkpoint import store
 from glm_jax.convert.__main__ import main
 
 

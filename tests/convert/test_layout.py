@@ -1,17 +1,16 @@
-"""glm_jax.convert.layout is the one parameter mapping: it must agree with the mapping
+"""glm_jax.checkpoint.authors_layout is the one parameter mapping: it must agree with the mapping
 the numerical reference (tests/reference_glm.py) uses, invert exactly, describe the
 model's real parameter tree, and give the same result streamed in blocks as whole."""
 
 import dataclasses
 import functools
 
-import jax
 import numpy as np
 import pytest
 
 from glm_jax.convert import blocks as blk
-from glm_jax.convert import layout
-from glm_jax.model import GLM
+from glm_jax.checkpoint import authors_layout
+from glm_jax.model import parameters
 from helpers import variant
 from reference_glm import authors_state_dict
 
@@ -20,12 +19,12 @@ VARIANTS = ["glm-130b", "chatglm-6b", "glm-original"]
 
 @functools.lru_cache(maxsize=None)
 def _params(name, scan):
-    """Random parameters in the tree layout.leaf_shapes describes (which
+    """Random parameters in the tree authors_layout.leaf_shapes describes (which
     test_leaf_shapes_match_the_model ties to the model itself)."""
     cfg = variant(name, scan_layers=scan)
     rng = np.random.default_rng(0)
     tree = {}
-    for path, shape in layout.leaf_shapes(cfg).items():
+    for path, shape in authors_layout.leaf_shapes(cfg).items():
         node = tree
         for p in path[:-1]:
             node = node.setdefault(p, {})
@@ -47,7 +46,7 @@ def _flat(tree, prefix=()):
 def test_to_authors_equals_reference_mapping(name, scan):
     cfg, params = _params(name, scan)
     want = authors_state_dict(params, cfg)
-    got = layout.to_authors(params, cfg)
+    got = authors_layout.to_authors(params, cfg)
     assert set(got) == set(want)  # (ours lists keys in the authors' state-dict order)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
@@ -57,7 +56,7 @@ def test_to_authors_equals_reference_mapping(name, scan):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_from_authors_inverts_to_authors(name, scan):
     cfg, params = _params(name, scan)
-    back = _flat(layout.from_authors(layout.to_authors(params, cfg), cfg))
+    back = _flat(authors_layout.from_authors(authors_layout.to_authors(params, cfg), cfg))
     want = _flat(params)
     assert set(back) == set(want)
     for k in want:
@@ -67,23 +66,9 @@ def test_from_authors_inverts_to_authors(name, scan):
 @pytest.mark.parametrize("scan", [True, False])
 @pytest.mark.parametrize("name", VARIANTS)
 def test_leaf_shapes_match_the_model(name, scan):
+    """The converters' numpy-only layout and the model's own parameters agree on every leaf."""
     cfg = variant(name, scan_layers=scan)
-    two_d = cfg.position_encoding != "rotary_1d"
-    pos = np.zeros((1, 2, 4) if two_d else (1, 4), np.int32)
-    abstract = jax.eval_shape(GLM(cfg).init, jax.random.key(0), np.zeros((1, 4), np.int32), pos, np.zeros((1,), np.int32))
-    params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, abstract["params"],
-                          is_leaf=lambda x: hasattr(x, "value"))
-    want = {k: tuple(v.shape) for k, v in _flat_shapes(params).items()}
-    assert layout.leaf_shapes(cfg) == want
-
-
-def _flat_shapes(tree, prefix=()):
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flat_shapes(v, prefix + (k,)))
-        return out
-    return {prefix: tree}
+    assert authors_layout.leaf_shapes(cfg) == parameters.leaf_shapes(cfg)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -92,7 +77,7 @@ def test_blocks_reassemble_whole_tensors(name, block_bytes):
     cfg = dataclasses.replace(variant(name), num_layers=1)
     rng = np.random.default_rng(0)
     seen = set()
-    for e in layout.entries(cfg):
+    for e in authors_layout.entries(cfg):
         t = e.transform
         if (t.split, t.perm) in seen:
             continue

@@ -1,5 +1,5 @@
 """from-hf -> to-hf gives back the same tensors bit for bit, and the converted checkpoint's
-logits (``glm_jax.loading.load(...).logits``) match the numpy restatement of the authors'
+logits (``glm_jax.inference.loading.load(...).logits``) match the numpy restatement of the authors'
 forward pass run on the original torch weights."""
 
 import json
@@ -12,9 +12,9 @@ import torch
 
 import chatglm_fixtures as fx
 from glm_jax.config import load_config
-from glm_jax.convert import quant
+from glm_jax.checkpoint import quantized
 from glm_jax.convert.__main__ import main
-from glm_jax.loading import load
+from glm_jax.inference.loading import load
 from reference_glm import authors_mask, forward
 
 
@@ -154,7 +154,7 @@ def test_quantized_checkpoints(tmp_path, bits):
     with open(tmp_path / "back" / "config.json") as f:
         assert json.load(f) == hf
     if bits == 8:  # requantizing would not have been enough: the kept tensors were needed
-        requantized = quant.quantize(deq[k].numpy(), 8)[1]
+        requantized = quantized.quantize(deq[k].numpy(), 8)[1]
         assert not np.array_equal(requantized.view(np.uint16), qsd[k + "_scale"].numpy().view(np.uint16))
 
     convert("to-hf", "--src", str(tmp_path / "jax"), "--dst", str(tmp_path / "dense"), "--quantize", "0")

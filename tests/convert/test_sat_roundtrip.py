@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import sat_fixtures as sf
-from glm_jax.convert import output, sat_layout, store
+from glm_jax.convert import sat_layout
+from glm_jax.checkpoint import directory, store
 from glm_jax.convert.__main__ import main
-from glm_jax.loading import load
+from glm_jax.inference.loading import load
 from reference_glm import authors_mask, forward
 
 
@@ -41,12 +42,12 @@ def assert_same_ranks(want: list[dict], directory: str) -> None:
             assert torch.equal(g[k].contiguous().view(torch.uint8), w[k].contiguous().view(torch.uint8)), k
 
 
-def params(directory: str) -> dict:
+def params(path: str) -> dict:
     """Every stored parameter leaf (and kept quantized tensor) as numpy, by path."""
     out = {}
-    for sub in (output.PARAMS, output.QUANTIZED):
-        if os.path.isdir(os.path.join(directory, sub)):
-            reader = store.CheckpointReader(os.path.join(directory, sub))
+    for sub in (directory.PARAMS, directory.QUANTIZED):
+        if os.path.isdir(os.path.join(path, sub)):
+            reader = store.CheckpointReader(os.path.join(path, sub))
             out.update({(sub,) + p: reader.read(p) for p in reader.leaves})
     return out
 
@@ -135,7 +136,7 @@ def test_quantized_checkpoints(tmp_path, bits):
 
     jq4 = from_sat(to_sat(jq, tmp_path / "q4", 4), tmp_path / "jq4", layout)
     p2, p4 = params(jq), params(jq4)
-    assert all(p2[k].tobytes() == p4[k].tobytes() for k in p2 if k[0] == output.PARAMS)  # the same weights
+    assert all(p2[k].tobytes() == p4[k].tobytes() for k in p2 if k[0] == directory.PARAMS)  # the same weights
     assert_same_ranks(q2, to_sat(jq4, tmp_path / "back2b", 2))
 
     # The dequantized weights are the runtime's: the fp16 shards the ranks dequantize to.

@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -30,18 +31,14 @@ def test_same_seed_same_batches_and_resume_matches_uninterrupted_run():
     full = take(cfg, 6)
     again = take(cfg, 6)
     resumed = take(cfg, 2, start_step=4)
-    for a, b in zip(full, again):
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k])
-    for a, b in zip(full[4:], resumed):
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k])
+    for a, b in list(zip(full, again)) + list(zip(full[4:], resumed)):
+        jax.tree.map(np.testing.assert_array_equal, a, b)
     other = take(cfg_with("train.seed=1"), 1)[0]
-    assert not np.array_equal(other["tokens"], full[0]["tokens"])
+    assert not np.array_equal(other.tokens, full[0].tokens)
 
 
 def _segments(row):
-    seg = row.get("segment_ids", np.where(np.arange(len(row["tokens"])) < len(row["tokens"]), 1, 0))
+    seg = row.segment_ids if row.segment_ids is not None else np.ones(len(row.tokens), np.int32)
     for s in sorted(set(seg.tolist()) - {0}):
         idx = np.flatnonzero(seg == s)
         yield s, idx
@@ -53,31 +50,31 @@ def test_rows_follow_the_glm_layout_packed_and_padded():
         cfg = cfg_with(f"data.pack={pack}", "data.samples_per_row=4", "data.mixture=glm-original", "model.position_encoding=rotary_2d")
         ids = inf.SpecialIds.from_model(cfg.model)
         for batch in take(cfg, 3):
-            for r in range(batch["tokens"].shape[0]):
-                row = {k: v[r] for k, v in batch.items()}
-                tokens, weights, pos, blk = row["tokens"], row["loss_weights"], row["positions"][0], row["positions"][1]
+            for r in range(batch.size):
+                row = batch.row(r)
+                tokens, weights, pos, blk = row.tokens, row.loss_weights, row.positions[0], row.positions[1]
                 if pack == "false":
-                    n_a = int(row["prefix_len"])
+                    n_a = int(row.prefix_len)
                     real = weights > 0
                     segments = [(1, np.arange(n_a + int(real.sum())))]
                 else:
                     segments = list(_segments(row))
                 for s, idx in segments:
-                    n_a = int(row["prefix_len"][s - 1]) if pack == "true" else int(row["prefix_len"])
+                    n_a = int(row.prefix_len[s - 1]) if pack == "true" else int(row.prefix_len)
                     a, b = idx[:n_a], idx[n_a:]
                     assert (blk[a] == 0).all() and (weights[a] == 0).all() and (weights[b] == 1).all()
                     assert (blk[b] > 0).all() and tokens[b[0]] == ids.sop
                     np.testing.assert_array_equal(pos[a], np.arange(n_a))  # positions restart per segment
                     assert sum(t in (ids.mask, ids.smask, ids.gmask) for t in tokens[a]) == int((blk[b] == 1).sum())
                 if pack == "true":
-                    assert (row["tokens"][row["segment_ids"] == 0] == cfg.model.pad_token_id).all()
+                    assert (row.tokens[row.segment_ids == 0] == cfg.model.pad_token_id).all()
 
 
 def test_one_dimensional_models_get_the_130b_positions():
     cfg = cfg_with("data.mixture=gmask", "data.pack=false")
     b = take(cfg, 1)[0]
-    assert b["positions"].ndim == 2
-    np.testing.assert_array_equal(b["positions"][0][: int(b["prefix_len"][0]) + 3], np.arange(int(b["prefix_len"][0]) + 3))
+    assert b.positions.ndim == 2
+    np.testing.assert_array_equal(b.positions[0][: int(b.prefix_len[0]) + 3], np.arange(int(b.prefix_len[0]) + 3))
 
 
 def test_text_and_jsonl_sources_skip_and_count_bad_documents(tmp_path):
@@ -94,7 +91,7 @@ def test_text_and_jsonl_sources_skip_and_count_bad_documents(tmp_path):
     assert tasks.STATS["unreadable_documents"] == 2 and tasks.STATS["empty_documents"] == 3
     # A user corpus trains end to end.
     b = take(cfg_with(f"data.corpus=text:{tmp_path}/*.txt", "data.mixture=mask", "data.pack=false"), 1)[0]
-    assert b["tokens"].shape == (4, 64) and b["loss_weights"].sum() > 0
+    assert b.tokens.shape == (4, 64) and b.loss_weights.sum() > 0
 
 
 def test_missing_files_and_unprepared_tfds_are_clear_errors(tmp_path):
@@ -113,8 +110,8 @@ def test_instruction_pairs_become_gmask_examples(tmp_path):
     ids = inf.SpecialIds.from_model(cfg.model)
     b = take(cfg, 1)[0]
     for r in range(4):
-        n_a = int(b["prefix_len"][r])
-        assert b["tokens"][r][n_a - 1] == ids.gmask and b["tokens"][r][n_a] == ids.sop
+        n_a = int(b.prefix_len[r])
+        assert b.tokens[r][n_a - 1] == ids.gmask and b.tokens[r][n_a] == ids.sop
 
 
 def test_inspect_and_bench_commands(tmp_path):
@@ -140,5 +137,5 @@ def test_inspect_and_bench_commands(tmp_path):
 def test_each_process_reads_its_own_shard():
     cfg = cfg_with("data.mixture=gmask", "data.pack=false")
     halves = [take(cfg, 1, process_index=i, process_count=2)[0] for i in range(2)]
-    assert halves[0]["tokens"].shape == (2, 64)  # half the global batch each
-    assert not np.array_equal(halves[0]["tokens"], halves[1]["tokens"])
+    assert halves[0].tokens.shape == (2, 64)  # half the global batch each
+    assert not np.array_equal(halves[0].tokens, halves[1].tokens)

@@ -44,7 +44,7 @@ def test_pairs_are_cut_to_fit_keeping_the_prompt_end_and_the_response_start():
         np.testing.assert_array_equal(ex["targets"], p + [IDS.gmask] + r + [IDS.eop])
         np.testing.assert_array_equal(ex["loss_weights"], [0] * (len(p) + 1) + [1] * (len(r) + 1))
         np.testing.assert_array_equal(ex["positions"], np.arange(len(p) + len(r) + 2))  # 1D: arange for [gMASK]
-        np.testing.assert_array_equal(ex["block_ids"], [0] * (len(p) + 1) + list(range(1, len(r) + 2)))
+        np.testing.assert_array_equal(ex["block_positions"], [0] * (len(p) + 1) + list(range(1, len(r) + 2)))
         assert len(ex["tokens"]) <= 64
 
 
@@ -70,6 +70,6 @@ def test_blank_infilling_blocks_are_a_function_of_their_seed():
     # The two copies of the block get their own seeds, so their samples differ.
     assert any(not np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(a[: len(docs)], a[len(docs) :]))
     for ex, doc in zip(a, docs + docs):
-        n_a = int((ex["block_ids"] == 0).sum())
-        s = inf.Sample(ex["tokens"], ex["targets"], ex["loss_weights"], ex["positions"], ex["block_ids"], n_a, [], "mask")
+        n_a = int((ex["block_positions"] == 0).sum())
+        s = inf.Sample(ex["tokens"], ex["targets"], ex["loss_weights"], ex["positions"], ex["block_positions"], n_a, [], "mask")
         np.testing.assert_array_equal(inf.restore(s, (IDS.mask,)), doc)  # each example is its own document

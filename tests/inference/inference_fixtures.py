@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from glm_jax.convert import layout
+from glm_jax.checkpoint import authors_layout
 from helpers import randomize
 
 VARIANTS = ("glm-130b", "chatglm-6b")  # 1D positions, 2D positions
@@ -12,7 +12,7 @@ def random_params(cfg, seed: int = 2, scale: float = 2.0):
     """Parameters with real signal, built from the layout's shapes (no model.init compile).
     At this scale greedy output depends on the prompt."""
     tree: dict = {}
-    for path, shape in layout.leaf_shapes(cfg).items():
+    for path, shape in authors_layout.leaf_shapes(cfg).items():
         node = tree
         for p in path[:-1]:
             node = node.setdefault(p, {})

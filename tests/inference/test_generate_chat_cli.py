@@ -17,7 +17,7 @@ from glm_jax.config import Config, TrainConfig, dump_config
 from glm_jax.data import build_vocab
 from glm_jax.data.vocab import GLMVocabulary
 from glm_jax.inference.text import PromptText
-from glm_jax.loading import load
+from glm_jax.inference.loading import load
 from helpers import variant
 
 TEXT = "\n".join(f"the quick brown fox {i} jumps over the lazy dog number {i * 7}. hello world!" for i in range(300))

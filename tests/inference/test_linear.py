@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glm_jax.convert import quant
+from glm_jax.checkpoint import quantized
 from glm_jax.model import linear
 from glm_jax.model.linear import QuantizedWeight
 
@@ -26,7 +26,7 @@ def _quantized(rng, w_in, w_out, bits, groups):
     q = rng.integers(-qmax, qmax + 1, (k, n)).astype(np.int8)
     scale = (rng.random((groups, n)) * 0.02 + 1e-3).astype(np.float16)
     exact = (q.reshape(groups, k // groups, n) * scale[:, None].astype(np.float32)).reshape(w_in + w_out)
-    stored = quant.pack_int4(q.T).T if bits == 4 else q  # INT4: two input rows per byte
+    stored = quantized.pack_int4(q.T).T if bits == 4 else q  # INT4: two input rows per byte
     q_shape = w_in[:-1] + (w_in[-1] * bits // 8,) + w_out
     s = scale.reshape((groups,) + w_out) if groups > 1 else scale.reshape(w_out)
     return QuantizedWeight(jnp.asarray(stored.reshape(q_shape)), jnp.asarray(s), bits=bits, groups=groups), exact, q, scale

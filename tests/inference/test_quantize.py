@@ -11,17 +11,17 @@ import torch
 from convert import chatglm_fixtures as fx
 from inference_fixtures import VARIANTS, prompts, random_params
 from glm_jax.config import load_config
-from glm_jax.convert import layout, quant
+from glm_jax.checkpoint import authors_layout, quantized
 from glm_jax.convert.__main__ import main as convert_main
 from glm_jax.inference import quantize as qz
 from glm_jax.inference.decode import Generator
-from glm_jax.loading import load
+from glm_jax.inference.loading import load
 from glm_jax.model import GLM, prepare_inputs
 from glm_jax.model.linear import QuantizedWeight
 
 
 def _authors(params, cfg) -> dict:
-    return {k: torch.from_numpy(np.array(v, np.float32)) for k, v in layout.to_authors(jax.tree.map(np.asarray, params), cfg).items()}
+    return {k: torch.from_numpy(np.array(v, np.float32)) for k, v in authors_layout.to_authors(jax.tree.map(np.asarray, params), cfg).items()}
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -35,14 +35,14 @@ def test_quantized_model_is_the_authors_quantization(models, name, bits):
     sd = _authors(params, cfg)
     want_q, deq = fx.quantized_state_dict({k: v.half() for k, v in sd.items()}, bits)
     got = {k: (w, s) for k, w, s in qz.to_authors(qparams, cfg)}
-    assert set(got) == {k for k in sd if quant.is_quantized_linear(k)}
+    assert set(got) == {k for k in sd if quantized.is_quantized_linear(k)}
     for k, (w, s) in got.items():
         np.testing.assert_array_equal(w, want_q[k].numpy())
         np.testing.assert_array_equal(s.view(np.uint16), want_q[k + "_scale"].numpy().view(np.uint16))
 
     exact = {k: _exact(want_q[k].numpy(), want_q[k + "_scale"].numpy(), bits) if k in got else v.float().numpy()
              for k, v in deq.items()}
-    dense = _with_linears(params, layout.from_authors(exact, cfg), cfg)
+    dense = _with_linears(params, authors_layout.from_authors(exact, cfg), cfg)
     tokens = np.asarray([prompts(cfg)[0] + [31, 32]])
     inputs = prepare_inputs(tokens, cfg)
     run = jax.jit(GLM(cfg).apply)
@@ -52,15 +52,15 @@ def test_quantized_model_is_the_authors_quantization(models, name, bits):
 
 
 def _exact(weight, scale, bits) -> np.ndarray:
-    q = quant.unpack_int4(weight) if bits == 4 else weight
+    q = quantized.unpack_int4(weight) if bits == 4 else weight
     return q.astype(np.float32) * scale.astype(np.float32)[:, None]
 
 
 def _with_linears(params, dense, cfg):
     """``params`` with only the four quantized linears taken from ``dense``."""
     out = jax.tree.map(np.asarray, params)
-    for e in layout.entries(cfg):
-        if quant.is_quantized_linear(e.key):
+    for e in authors_layout.entries(cfg):
+        if quantized.is_quantized_linear(e.key):
             node_o, node_d = out, dense
             for p in e.path[:-1]:
                 node_o, node_d = node_o[p], node_d[p]
@@ -82,7 +82,7 @@ def test_quantized_linears_take_a_quarter_or_half_of_bf16_on_device():
 
 
 def _float_linears(params, cfg):
-    paths = {e.path for e in layout.entries(cfg) if quant.is_quantized_linear(e.key)}
+    paths = {e.path for e in authors_layout.entries(cfg) if quantized.is_quantized_linear(e.key)}
     for path in paths:
         node = params
         for p in path:

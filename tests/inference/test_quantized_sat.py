@@ -11,10 +11,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "convert"))
 import sat_fixtures as sf  # noqa: E402
-from glm_jax.convert import quant  # noqa: E402
+from glm_jax.checkpoint import quantized  # noqa: E402
 from glm_jax.convert.__main__ import main as convert_main  # noqa: E402
 from glm_jax.inference import quantize as qz  # noqa: E402
-from glm_jax.loading import load  # noqa: E402
+from glm_jax.inference.loading import load  # noqa: E402
 from reference_glm import authors_mask, forward  # noqa: E402
 
 LAYOUT = "glm-130b"
@@ -29,8 +29,8 @@ def _exact_ranks(ranks: list[dict], bits: int) -> list[dict]:
         for k, v in sd.items():
             if k.endswith("_scale"):
                 continue
-            if quant.is_quantized_linear(k):
-                q = quant.unpack_int4(v.numpy()) if bits == 4 else v.numpy()
+            if quantized.is_quantized_linear(k):
+                q = quantized.unpack_int4(v.numpy()) if bits == 4 else v.numpy()
                 v = torch.from_numpy(q.astype(np.float32) * sd[k + "_scale"].float().numpy()[:, None])
             dense[k] = v.float()
         out.append(dense)
@@ -52,7 +52,7 @@ def test_quantized_sat_checkpoint_generates_with_per_rank_scales(tmp_path, bits)
     assert layer["attention"]["out_kernel"].groups == 2 and layer["mlp"]["wo_kernel"].groups == 2  # row-parallel: per rank
     assert layer["attention"]["qkv_kernel"].groups == 1 and layer["mlp"]["wi_kernel"].groups == 1
     # The release's own bytes and per-rank scales come back out.
-    merged = sf.merge([{k: v for k, v in r.items() if quant.is_quantized_linear(k)} for r in ranks], LAYOUT)
+    merged = sf.merge([{k: v for k, v in r.items() if quantized.is_quantized_linear(k)} for r in ranks], LAYOUT)
     for key, w, s in qz.to_authors(model.params, model.config):
         np.testing.assert_array_equal(w, merged[key].numpy())
         scales = [{key + "_scale": r[key + "_scale"]} for r in ranks]

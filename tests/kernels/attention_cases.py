@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from glm_jax.model import masks
+from glm_jax.kernels import attention_mask
 
 KINDS = ("gmask", "packed", "left_pad", "repeated_ids")
 
@@ -30,7 +30,7 @@ def mask_inputs(rng, batch: int, length: int, kind: str):
         choices = [0, length] + [int(x) for x in rng.integers(0, length + 1, batch)]
         plen = np.array([choices[i % len(choices)] for i in rng.permutation(batch)], np.int32)
         seg = np.ones((batch, length), np.int32)
-        return masks.part_a_end(jnp.asarray(plen[:, None]), jnp.asarray(seg), length), jnp.asarray(seg)
+        return attention_mask.part_a_end(jnp.asarray(plen[:, None]), jnp.asarray(seg), length), jnp.asarray(seg)
     if kind == "packed":
         rows = [_packed_row(rng, length) for _ in range(batch)]
         seg = np.stack([r[0] for r in rows])
@@ -44,7 +44,7 @@ def mask_inputs(rng, batch: int, length: int, kind: str):
         plen = rng.integers(0, length // 2, (batch, 3)).astype(np.int32)
     else:
         raise ValueError(kind)
-    return masks.part_a_end(jnp.asarray(plen), jnp.asarray(seg), length), jnp.asarray(seg)
+    return attention_mask.part_a_end(jnp.asarray(plen), jnp.asarray(seg), length), jnp.asarray(seg)
 
 
 def nonempty_blocks(part_a_end, segment_ids, block_q: int, block_kv: int, padded: int) -> np.ndarray:

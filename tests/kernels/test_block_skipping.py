@@ -10,7 +10,7 @@ import pytest
 from attention_cases import KINDS, mask_inputs, nonempty_blocks
 from glm_jax.kernels import block_mask, flash_tpu
 from glm_jax.kernels import flash_attention as fa
-from glm_jax.model import masks
+from glm_jax.kernels import attention_mask
 
 
 def _glm_batch():
@@ -19,7 +19,7 @@ def _glm_batch():
     n = 100
     seg = np.array([[1] * n, [1] * 30 + [2] * 45 + [3] * 20 + [0] * 5], np.int32)
     plen = np.array([[37, 0, 0], [10, 0, 20]], np.int32)
-    return masks.part_a_end(jnp.asarray(plen), jnp.asarray(seg), n), jnp.asarray(seg)
+    return attention_mask.part_a_end(jnp.asarray(plen), jnp.asarray(seg), n), jnp.asarray(seg)
 
 
 @pytest.mark.parametrize("lowering", ["mosaic", "triton"])

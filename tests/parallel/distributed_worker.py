@@ -28,21 +28,17 @@ def train(steps: int, overrides: list[str], per_process_slices: bool = False) ->
 
     from glm_jax.config import load_config
     from glm_jax.data.pipeline import batches
-    from glm_jax.model import GLM
     from glm_jax.parallel import distributed, rules
     from glm_jax.parallel.mesh import make_mesh
-    from glm_jax.training.optimizer import make_optimizer
-    from glm_jax.training.state import init_state, make_train_step, state_shardings
+    from glm_jax.training.trainer import Trainer
 
     cfg = load_config(os.path.join(ROOT, "configs", "glm-tiny.yaml"), ["data.mixture=synthetic", *overrides])
     if per_process_slices:
         mesh = distributed.multislice_mesh(cfg.mesh, process_is_granule=True)
     else:
         mesh = make_mesh(cfg.mesh)
-    model, optimizer = GLM(cfg.model, deterministic=False), make_optimizer(cfg.train)
-    shardings = state_shardings(cfg, model, optimizer, mesh)
-    state = init_state(cfg, model, optimizer, mesh, jax.random.key(cfg.train.seed), shardings)
-    train_step = make_train_step(cfg, model, optimizer, mesh, shardings)
+    trainer = Trainer.build(cfg, mesh)
+    state, train_step = trainer.init_state(), trainer.train_step
 
     shard, shards = distributed.data_shard(mesh)
     data = batches(cfg, "train", process_index=shard, process_count=shards)
@@ -51,7 +47,7 @@ def train(steps: int, overrides: list[str], per_process_slices: bool = False) ->
     losses, grad_norms, rows, stops = [], [], [], []
     for step in range(steps):
         batch = distributed.global_batch(next(data), mesh)
-        rows.append(row_sums(batch["tokens"]).tolist())
+        rows.append(row_sums(batch.tokens).tolist())
         state, metrics = train_step(state, batch)
         losses.append(float(metrics["loss"]))
         grad_norms.append(float(metrics["grad_norm"]))
@@ -64,7 +60,7 @@ def train(steps: int, overrides: list[str], per_process_slices: bool = False) ->
         "device_count": jax.device_count(),
         "main": distributed.is_main_process(),
         "data_shard": [shard, shards],
-        "global_batch_shape": list(batch["tokens"].shape),
+        "global_batch_shape": list(batch.tokens.shape),
         "mesh": dict(mesh.shape),
         "losses": losses,
         "grad_norms": grad_norms,

@@ -6,11 +6,9 @@ import pytest
 
 from glm_jax.config import Config, ConfigError, MeshConfig, TrainConfig
 from glm_jax.data.synthetic import copy_batch
-from glm_jax.model import GLM
 from glm_jax.parallel import rules
 from glm_jax.parallel.mesh import make_mesh
-from glm_jax.training.optimizer import make_optimizer
-from glm_jax.training.state import init_state, make_train_step, state_shardings
+from glm_jax.training.trainer import Trainer
 from helpers import variant
 
 
@@ -29,11 +27,8 @@ def test_data2_model4_step_matches_single_device(name):
     ]:
         cfg = _config(name, mesh_cfg)
         mesh = make_mesh(cfg.mesh, devices)
-        model = GLM(cfg.model)
-        opt = make_optimizer(cfg.train)
-        state = init_state(cfg, model, opt, mesh, jax.random.key(0))
-        shardings = state_shardings(cfg, model, opt, mesh)
-        step = make_train_step(cfg, model, opt, mesh, shardings)
+        trainer = Trainer.build(cfg, mesh)
+        state, step = trainer.init_state(seed=0), trainer.train_step
         batch = copy_batch(cfg.model, cfg.train.batch_size, cfg.train.seq_len, seed=0, step=0)
         qkv = state.params["layers"]["block"]["attention"]["qkv_kernel"]
         state, m1 = step(state, batch)

@@ -11,8 +11,8 @@ from glm_jax.data.synthetic import copy_batch
 from glm_jax.model import GLM
 from glm_jax.parallel.mesh import make_mesh
 from glm_jax.training.loss import chunked_cross_entropy, masked_cross_entropy
-from glm_jax.training.optimizer import make_optimizer
-from glm_jax.training.state import init_state, loss_and_grads, make_train_step, state_shardings
+from glm_jax.training.state import loss_and_grads
+from glm_jax.training.trainer import Trainer
 from helpers import variant
 
 
@@ -58,10 +58,8 @@ def _config(mesh: MeshConfig, **train) -> Config:
 
 def _run(cfg: Config, steps: int = 2):
     mesh = make_mesh(cfg.mesh, jax.devices()[: cfg.mesh.data * cfg.mesh.model])
-    model, opt = GLM(cfg.model), make_optimizer(cfg.train)
-    shardings = state_shardings(cfg, model, opt, mesh)
-    state = init_state(cfg, model, opt, mesh, jax.random.key(0), shardings)
-    step = make_train_step(cfg, model, opt, mesh, shardings)
+    trainer = Trainer.build(cfg, mesh)
+    state, step = trainer.init_state(seed=0), trainer.train_step
     losses = []
     for i in range(steps):
         state, m = step(state, copy_batch(cfg.model, cfg.train.batch_size, cfg.train.seq_len, 0, i))
@@ -107,9 +105,9 @@ def test_gradient_accumulation_gives_the_full_batch_gradients():
     cfg = _config(MeshConfig(data=1))
     model = GLM(cfg.model)
     mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-    params = init_state(cfg, model, make_optimizer(cfg.train), mesh, jax.random.key(0)).params
-    batch = {k: jnp.asarray(v) for k, v in copy_batch(cfg.model, 8, 32, 0, 0).items()}
-    batch["loss_weights"] = batch["loss_weights"].at[:3].set(0.0)  # uneven target counts per microbatch
+    params = Trainer.build(cfg, mesh).init_state(seed=0).params
+    batch = jax.tree.map(jnp.asarray, copy_batch(cfg.model, 8, 32, 0, 0))
+    batch = batch.replace(loss_weights=batch.loss_weights.at[:3].set(0.0))  # uneven target counts per microbatch
     loss, weight, grads = jax.jit(lambda p: loss_and_grads(model, p, batch))(params)
     for n in (2, 4, 8):
         l_n, w_n, g_n = jax.jit(lambda p: loss_and_grads(model, p, batch, microbatches=n))(params)

@@ -45,7 +45,7 @@ def test_bad_steps_roll_back_to_the_last_checkpoint_and_skip_their_data(tmp_path
         def run_step(state, batch):
             calls["n"] += 1
             if calls["n"] in (3, 4):  # the 3rd and 4th batches give a NaN loss
-                batch = dict(batch, loss_weights=np.full_like(batch["loss_weights"], np.nan))
+                batch = batch.replace(loss_weights=np.full_like(batch.loss_weights, np.nan))
             return step(state, batch)
 
         return run_step

@@ -93,21 +93,17 @@ def test_resume_onto_a_different_mesh_and_past_a_damaged_checkpoint(tmp_path):
 def test_non_finite_step_leaves_the_state_unchanged():
     from glm_jax.config import Config, MeshConfig, TrainConfig
     from glm_jax.data.synthetic import copy_batch
-    from glm_jax.model import GLM
     from glm_jax.parallel.mesh import make_mesh
-    from glm_jax.training.optimizer import make_optimizer
-    from glm_jax.training.state import init_state, make_train_step, state_shardings
+    from glm_jax.training.trainer import Trainer
     from helpers import variant
 
     cfg = Config(model=variant("glm-130b"), mesh=MeshConfig(data=1), train=TrainConfig(steps=3, batch_size=2, seq_len=16, warmup_steps=0))
     mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-    model, opt = GLM(cfg.model), make_optimizer(cfg.train)
-    shardings = state_shardings(cfg, model, opt, mesh)
-    state = init_state(cfg, model, opt, mesh, jax.random.key(0))
-    step = make_train_step(cfg, model, opt, mesh, shardings)
+    trainer = Trainer.build(cfg, mesh)
+    state, step = trainer.init_state(seed=0), trainer.train_step
     before = jax.tree.map(np.asarray, state.params)
     bad = copy_batch(cfg.model, 2, 16, 0, 0)
-    bad["loss_weights"] = bad["loss_weights"] * np.float32("nan")
+    bad = bad.replace(loss_weights=bad.loss_weights * np.float32("nan"))
     state, m = step(state, bad)
     assert bool(m["skipped"]) and int(state.skipped) == 1 and int(state.step) == 1
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)

@@ -7,7 +7,7 @@
     small = load("chatglm-6b-jax", quantize=4)            # INT4 weights on the device
 
 The caller passes token ids only. Positions and the Part A length are built from them
-by the authors' rules (``glm_jax.model.masks.prepare_inputs``): Part A is everything
+by the authors' rules (``glm_jax.model.positions.prepare_inputs``): Part A is everything
 before ``<sop>``; with ``[gMASK]`` (ChatGLM: 2D positions) the position row holds the
 mask's index from ``<sop>`` on and the block row counts 1, 2, ... there; leading
 ``pad_token_id`` tokens are left padding. So ``[t0 .. tn, [gMASK], <sop>, ...]`` gives
@@ -23,14 +23,15 @@ holds its dense linears in memory.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from glm_jax.config import ConfigError, ModelConfig, load_config
-from glm_jax.convert import layout, output, quant
+# `import glm_jax` imports this module, and must not import jax (a CLI's --help, config
+# checks and the converters stay fast): everything that needs jax is imported inside the
+# methods that use it.
+from glm_jax.checkpoint import authors_layout, directory, params, quantized
+from glm_jax.config import ConfigError, ModelConfig
 
 Bits = Union[int, str, None]
 
@@ -155,50 +156,8 @@ def _placed(cfg: ModelConfig, params: Any, mesh) -> LoadedModel:
     return LoadedModel(config=cfg, params=params, mesh=mesh)
 
 
-def _newest_step(ckpt_dir: str) -> str:
-    steps = [
-        int(name) for name in os.listdir(ckpt_dir)
-        if name.isdigit() and os.path.exists(os.path.join(ckpt_dir, name, "state", "_METADATA"))
-    ]
-    if not steps:
-        raise FileNotFoundError(f"{ckpt_dir}: no finished checkpoint to load")
-    return os.path.join(ckpt_dir, str(max(steps)), "state")
-
-
-def _sources(checkpoint_dir: str) -> tuple[str, str, tuple[str, ...]]:
-    """(config.yaml, the orbax directory holding the parameters, their path prefix in it)."""
-    cfg_path = os.path.join(checkpoint_dir, output.CONFIG)
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(
-            f"{checkpoint_dir}: no {output.CONFIG}; expected a directory written by python -m glm_jax.convert "
-            "or a training workdir"
-        )
-    params_path = os.path.join(checkpoint_dir, output.PARAMS)
-    if os.path.isdir(params_path):
-        return cfg_path, params_path, ()
-    ckpts = os.path.join(checkpoint_dir, "checkpoints")
-    if os.path.isdir(ckpts):
-        return cfg_path, _newest_step(ckpts), ("params",)
-    raise FileNotFoundError(f"{checkpoint_dir}: neither {output.PARAMS}/ nor checkpoints/ to load parameters from")
-
-
-def stored_bits(checkpoint_dir: str) -> int:
-    """The quantization of a checkpoint converted from an INT8/INT4 release (0 if none):
-    from-hf and from-sat both record it in their source file."""
-    if not os.path.isdir(os.path.join(checkpoint_dir, output.QUANTIZED)):
-        return 0
-    for name in (output.HF_SOURCE, output.SAT_SOURCE):
-        path = os.path.join(checkpoint_dir, name)
-        if os.path.isfile(path):
-            with open(path) as f:
-                return int(json.load(f).get("quantization_bit") or 0)
-    raise ConfigError(
-        f"{checkpoint_dir}: {output.QUANTIZED}/ holds quantized tensors but neither {output.HF_SOURCE} nor "
-        f"{output.SAT_SOURCE} says their width; reconvert the checkpoint"
-    )
-
-
-def load(checkpoint_dir: str, *, dtype: Optional[str] = None, quantize: Bits = None, mesh=None) -> LoadedModel:
+def load(checkpoint_dir: str, *, dtype: Optional[str] = None, quantize: Bits = None, mesh=None,
+         step: Optional[int] = None) -> LoadedModel:
     """Restore ``checkpoint_dir`` (a converted checkpoint or a training workdir).
 
     dtype: compute dtype override (converted checkpoints compute in float32; parameters
@@ -208,50 +167,23 @@ def load(checkpoint_dir: str, *, dtype: Optional[str] = None, quantize: Bits = N
       (``glm_jax.inference.quantize``), reusing stored tensors of the same width.
     mesh: a ``jax.sharding.Mesh`` to place the parameters on, split by the logical-axis
       rules (heads and the MLP over ``model``), for models larger than one device.
+    step: which checkpoint of a training workdir (default: the newest).
     """
-    from glm_jax.convert import store
-    from glm_jax.convert.from_hf import scale_key
-    from glm_jax.inference import quantize as qz
+    from glm_jax.inference import quantize as qz  # imports jax: not at `import glm_jax`
 
-    cfg_path, params_path, prefix = _sources(checkpoint_dir)
-    cfg = load_config(cfg_path).model
+    source = directory.resolve(checkpoint_dir, step)
+    stored = params.open_params(source)
+    cfg = stored.config
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
         cfg.validate()
-    have = stored_bits(checkpoint_dir)
+    have = params.stored_bits(source)
     bits = have if parse_bits(quantize) is None else parse_bits(quantize)
-    reader = store.CheckpointReader(params_path)
-    got = {p[len(prefix):]: tuple(reader.open(p).shape) for p in reader.leaves if p[: len(prefix)] == prefix}
-    _check_shapes(checkpoint_dir, got, layout.leaf_shapes(cfg))
     # With the release's own quantized tensors, the dense copies of the linears are not read.
-    keep = {e.path for e in layout.entries(cfg) if quant.is_quantized_linear(e.key)} if bits and bits == have else set()
-    tree: dict = {}
-    for path in got:
-        if path in keep:
-            continue
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = reader.read(prefix + path)
+    keep = {e.path for e in authors_layout.entries(cfg) if quantized.is_quantized_linear(e.key)} if bits and bits == have else set()
+    tree = stored.tree(skip=keep)
     if keep:
-        qreader = store.CheckpointReader(os.path.join(checkpoint_dir, output.QUANTIZED))
-        tree = qz.from_authors(tree, cfg, bits, lambda key: (qreader.read((key,)), qreader.read((scale_key(key),))))
+        tree = qz.from_authors(tree, cfg, bits, quantized.KeptTensors(source.quantized_dir).pair)
     elif bits:
         tree = qz.quantize(tree, cfg, bits)
     return _placed(cfg, tree, mesh)
-
-
-def _check_shapes(where: str, got: dict, want: dict) -> None:
-    if got == want:
-        return
-    missing = sorted(set(want) - set(got))
-    extra = sorted(set(got) - set(want))
-    wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
-    detail = "; ".join(
-        part for part in (
-            f"missing {'/'.join(missing[0])}" if missing else "",
-            f"unexpected {'/'.join(extra[0])}" if extra else "",
-            f"{'/'.join(wrong[0])} is {list(got[wrong[0]])}, config implies {list(want[wrong[0]])}" if wrong else "",
-        ) if part
-    )
-    raise ConfigError(f"{where}: parameters do not match {output.CONFIG} ({detail})")

@@ -16,14 +16,21 @@ stored tensors are ``weight`` int8 ``[out, in * b / 8]`` and ``weight_scale`` fp
 Requantizing a dequantized weight does not always give the stored q and scale back:
 rows whose scale is subnormal in fp16 (INT8 rows with max |W| below ~0.008) can round
 it to a neighbouring value. So the converters keep a quantized source's own tensors and
-reuse them while the weights are unchanged (``glm_jax.convert.from_hf`` / ``to_hf``).
+reuse them while the weights are unchanged: a params directory converted from a quantized
+release keeps them in ``quantized/`` under the authors' keys (:class:`KeptTensors`), and
+``glm_jax.load``, to-hf and to-sat read them back from there.
 
 All functions work on row blocks as well as whole tensors (everything is per row).
 """
 
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import numpy as np
+
+from glm_jax.checkpoint import store
 
 BITS = (4, 8)
 # The four linears per layer the authors quantize; embeddings, lm_head, LayerNorms and
@@ -34,6 +41,11 @@ LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", 
 def is_quantized_linear(key: str) -> bool:
     """True for the ``.weight`` of one of the four quantized linears."""
     return key.endswith(".weight") and any(key.endswith(f".{name}.weight") for name in LINEARS)
+
+
+def scale_key(weight_key: str) -> str:
+    """The authors' key of a quantized linear's scales: ``....weight`` -> ``....weight_scale``."""
+    return weight_key[: -len("weight")] + "weight_scale"
 
 
 def packed_shape(shape: tuple[int, int], bits: int) -> tuple[int, int]:
@@ -86,3 +98,37 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
     out[:, 0::2] = b >> 4
     out[:, 1::2] = (b << 4).astype(np.int8) >> 4
     return out
+
+
+class KeptTensors:
+    """A quantized release's own tensors (``quantized/``: one leaf per authors' key, the
+    int8 ``weight`` and its ``weight_scale``), opened lazily; empty when ``directory`` is None.
+
+    Tensor-parallel SAT releases quantize each rank's shard separately, so a row-parallel
+    linear's scales are stored ``[ranks, out]`` (one row per source rank).
+    """
+
+    def __init__(self, directory: Optional[str]):
+        self.reader = store.CheckpointReader(directory) if directory and os.path.isdir(directory) else None
+        self._open: dict = {}
+
+    def has(self, key: str) -> bool:
+        return self.reader is not None and (key,) in self.reader.leaves
+
+    def array(self, key: str):
+        """The tensorstore array of ``key`` (reads are ``array[region].read().result()``)."""
+        if key not in self._open:
+            self._open[key] = self.reader.open((key,))
+        return self._open[key]
+
+    def read(self, key: str, region: Optional[tuple] = None) -> np.ndarray:
+        arr = self.array(key)
+        return np.asarray((arr if region is None else arr[region]).read().result())
+
+    def dtype_name(self, key: str, default: str = "float16") -> str:
+        return np.dtype(self.array(key).dtype.numpy_dtype).name if self.has(key) else default
+
+    def pair(self, weight_key: str, rows: Optional[slice] = None) -> tuple[np.ndarray, np.ndarray]:
+        """(``weight``, ``weight_scale``) of a linear, all rows or a run of them."""
+        region = None if rows is None else (rows,)
+        return self.read(weight_key, region), self.read(scale_key(weight_key), region)

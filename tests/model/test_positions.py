@@ -5,7 +5,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from glm_jax.model import masks
+from glm_jax.kernels import attention_mask
+from glm_jax.model import positions
 from helpers import variant
 
 C130 = variant("glm-130b")
@@ -20,9 +21,9 @@ def _authors_visibility(length, context_length):
 
 
 def _ours(tokens, cfg):
-    inp = masks.prepare_inputs(np.asarray([tokens]), cfg)
-    end = masks.part_a_end(inp["prefix_len"], inp["segment_ids"], len(tokens))
-    vis = np.asarray(masks.dense_visibility(end, None if inp["segment_ids"] is None else jnp.asarray(inp["segment_ids"])))
+    inp = positions.prepare_inputs(np.asarray([tokens]), cfg)
+    end = attention_mask.part_a_end(inp["prefix_len"], inp["segment_ids"], len(tokens))
+    vis = np.asarray(attention_mask.dense_visibility(end, None if inp["segment_ids"] is None else jnp.asarray(inp["segment_ids"])))
     return inp, vis[0]
 
 
@@ -87,8 +88,8 @@ def test_left_padding_is_its_own_segment():
 def test_part_a_end_for_packed_segments():
     seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0]])
     plen = jnp.asarray([[2, 3]])
-    np.testing.assert_array_equal(masks.part_a_end(plen, seg, 8)[0], [2, 2, 2, 6, 6, 6, 6, 7])
-    vis = np.asarray(masks.dense_visibility(masks.part_a_end(plen, seg, 8), seg))[0]
+    np.testing.assert_array_equal(attention_mask.part_a_end(plen, seg, 8)[0], [2, 2, 2, 6, 6, 6, 6, 7])
+    vis = np.asarray(attention_mask.dense_visibility(attention_mask.part_a_end(plen, seg, 8), seg))[0]
     np.testing.assert_array_equal(vis[:3, :3], _authors_visibility(3, 2))
     np.testing.assert_array_equal(vis[3:7, 3:7], _authors_visibility(4, 3))
     assert not vis[:3, 3:].any() and not vis[3:7, :3].any()

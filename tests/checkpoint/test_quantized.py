@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from chatglm_fixtures import authors_quantize
-from glm_jax.convert import quant
+from convert.chatglm_fixtures import authors_quantize
+from glm_jax.checkpoint import quantized
 
 
 def weights(seed: int) -> torch.Tensor:
@@ -21,19 +21,19 @@ def weights(seed: int) -> torch.Tensor:
 def test_quantize_matches_the_authors(bits, seed):
     w = weights(seed)
     want_q, want_s = authors_quantize(w[2:], bits)  # (the authors' code divides 0 by 0 on zero rows)
-    got_q, got_s = quant.quantize(w.numpy(), bits)
+    got_q, got_s = quantized.quantize(w.numpy(), bits)
     np.testing.assert_array_equal(got_s[2:].view(np.uint16), want_s.numpy().view(np.uint16))
     np.testing.assert_array_equal(got_q[2:], want_q.numpy())
-    assert got_q.shape == quant.packed_shape(tuple(w.shape), bits) and got_q.dtype == np.int8
+    assert got_q.shape == quantized.packed_shape(tuple(w.shape), bits) and got_q.dtype == np.int8
     assert (got_q[0] == 0).all() and got_s[0] == 0
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_dequantize_and_packing(bits):
     w = weights(3)
-    q, s = quant.quantize(w.numpy(), bits)
-    deq = quant.dequantize(q, s, bits)
-    unpacked = quant.unpack_int4(q) if bits == 4 else q
+    q, s = quantized.quantize(w.numpy(), bits)
+    deq = quantized.dequantize(q, s, bits)
+    unpacked = quantized.unpack_int4(q) if bits == 4 else q
     assert np.abs(unpacked).max() <= 2 ** (bits - 1) - 1
     want = (torch.from_numpy(unpacked).half() * torch.from_numpy(s)[:, None]).numpy()  # fp16 q * scale
     np.testing.assert_array_equal(deq.view(np.uint16), want.view(np.uint16))
@@ -44,5 +44,5 @@ def test_dequantize_and_packing(bits):
     if bits == 4:
         every = np.arange(-8, 8, dtype=np.int8)
         pairs = np.stack(np.meshgrid(every, every), -1).reshape(1, -1)
-        np.testing.assert_array_equal(quant.unpack_int4(quant.pack_int4(pairs)), pairs)
-        assert quant.pack_int4(np.array([[-1, 2]], np.int8))[0, 0] == np.int8(-14)  # 0xF2: high nibble first
+        np.testing.assert_array_equal(quantized.unpack_int4(quantized.pack_int4(pairs)), pairs)
+        assert quantized.pack_int4(np.array([[-1, 2]], np.int8))[0, 0] == np.int8(-14)  # 0xF2: high nibble first

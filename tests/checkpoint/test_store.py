@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
-from glm_jax.convert import store
+from glm_jax.checkpoint import store
 
 
 def _write(path, leaves):

@@ -1,0 +1,161 @@
+"""The two directories glm_jax keeps parameters in, and writing either all-or-nothing.
+
+A **params directory** (written by ``python -m glm_jax.convert`` from the authors'
+formats, or by ``convert export`` from a training run) holds::
+
+    config.yaml      the glm_jax config (glm_jax.config.dump_config); model.* describes the weights
+    params/          an orbax checkpoint of the parameter tree (restorable by StandardCheckpointer)
+    hf_source.json   (from-hf only) the source's config.json and what to-hf needs to write it back
+    sat_source.json  (from-sat only) the SAT source's layout, iteration, key order and metadata
+    quantized/       (from an INT8/INT4 checkpoint) the source's own quantized tensors
+
+A **training workdir** (``python -m glm_jax.train workdir=DIR``) holds::
+
+    config.yaml                  the run's config
+    checkpoints/<step>/state/    orbax checkpoint of the train state; parameters under ``params``
+    checkpoints/<step>/meta/     JSON metadata: the step and the data position in global rows
+    tensorboard/, compile_cache/
+
+A step directory counts only once orbax has committed it (``state/_METADATA`` exists), so
+a save torn by a crash is never read. :func:`resolve` turns either kind of directory (and
+a step) into a :class:`Source`: where the config and the parameter tree are.
+
+Writers stage into a temporary sibling of the destination and rename it into place only
+when everything is written, so an interrupted run never leaves something that looks like
+a finished checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Iterator, Optional
+
+from glm_jax.errors import CheckpointError
+
+PARAMS = "params"
+CONFIG = "config.yaml"
+HF_SOURCE = "hf_source.json"
+SAT_SOURCE = "sat_source.json"
+QUANTIZED = "quantized"
+
+CHECKPOINTS = "checkpoints"
+STATE = "state"
+META = "meta"
+# Where the parameters sit inside a train state checkpoint (TrainState.params).
+STATE_PARAMS_PREFIX = ("params",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Parameters to read: a params directory, or one step of a training workdir.
+
+    root: the directory the user named; params_dir: the orbax checkpoint that holds the
+    parameter tree, under ``prefix`` inside it; step: the training step (None for a
+    params directory).
+    """
+
+    root: str
+    config_path: str
+    params_dir: str
+    prefix: tuple[str, ...] = ()
+    step: Optional[int] = None
+
+    @property
+    def is_workdir(self) -> bool:
+        return self.step is not None
+
+    @property
+    def quantized_dir(self) -> Optional[str]:
+        """A quantized release's own tensors (``quantized/``), if this source has them."""
+        path = os.path.join(self.root, QUANTIZED)
+        return path if not self.is_workdir and os.path.isdir(path) else None
+
+    def record(self, name: str) -> dict:
+        """A converter's source record (``hf_source.json`` / ``sat_source.json``), or {}."""
+        path = os.path.join(self.root, name)
+        if self.is_workdir or not os.path.isfile(path):
+            return {}
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+    def describe(self) -> str:
+        return f"{self.root} (step {self.step})" if self.is_workdir else self.root
+
+
+def step_dir(workdir: str, step: int) -> str:
+    return os.path.join(workdir, CHECKPOINTS, str(step))
+
+
+def workdir_steps(workdir: str) -> list[int]:
+    """The committed checkpoint steps of a training workdir, oldest first."""
+    ckpts = os.path.join(workdir, CHECKPOINTS)
+    if not os.path.isdir(ckpts):
+        return []
+    return sorted(
+        int(name) for name in os.listdir(ckpts)
+        if name.isdigit() and os.path.exists(os.path.join(ckpts, name, STATE, "_METADATA"))
+    )
+
+
+def is_workdir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, CHECKPOINTS)) and not os.path.isdir(os.path.join(path, PARAMS))
+
+
+def resolve(path: str, step: Optional[int] = None) -> Source:
+    """Where the config and parameters of ``path`` are: a params directory, or a training
+    workdir at ``step`` (default: its newest committed checkpoint)."""
+    root = os.path.abspath(path)
+    if not os.path.isdir(root):
+        raise CheckpointError(f"{path}: no such directory")
+    cfg_path = os.path.join(root, CONFIG)
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(
+            f"{path}: no {CONFIG}; expected a glm_jax checkpoint directory (from python -m glm_jax.convert) "
+            "or a training workdir"
+        )
+    params = os.path.join(root, PARAMS)
+    if os.path.isdir(params):
+        if step is not None:
+            raise CheckpointError(f"{path} is a params directory with one set of parameters; --step applies to training workdirs")
+        return Source(root, cfg_path, params)
+    if not os.path.isdir(os.path.join(root, CHECKPOINTS)):
+        raise CheckpointError(f"{path}: neither {PARAMS}/ nor {CHECKPOINTS}/ to load parameters from")
+    steps = workdir_steps(root)
+    if not steps:
+        raise CheckpointError(f"{path}: no finished checkpoint in {CHECKPOINTS}/ (training saves every train.checkpoint_every steps)")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"{path}: no finished checkpoint of step {step}; saved steps: {', '.join(map(str, steps))}")
+    return Source(root, cfg_path, os.path.join(step_dir(root, step), STATE), STATE_PARAMS_PREFIX, step)
+
+
+@contextlib.contextmanager
+def staged_output(dst: str, *, overwrite: bool = False) -> Iterator[str]:
+    """Yield a temporary directory that becomes ``dst`` when the block finishes without error."""
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst) and not overwrite:
+        raise CheckpointError(f"{dst} already exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".partial-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(dst):
+        old = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".old-", dir=parent)
+        os.rename(dst, os.path.join(old, "x"))
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)

@@ -1,0 +1,245 @@
+"""The training loop: from start (or resume) to the final save, as ``python -m glm_jax.train`` runs it.
+
+:class:`TrainingRun` drives a :class:`glm_jax.training.trainer.Trainer` (what a step is)
+over the data stream, saving checkpoints, evaluating, logging progress and TensorBoard
+scalars, rolling back after loss spikes and stopping cleanly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+from etils import epath
+
+from glm_jax.config import Config, ConfigError, dump_config
+from glm_jax.data.pipeline import BatchStream
+from glm_jax.parallel import distributed
+from glm_jax.parallel.mesh import make_mesh
+from glm_jax.training.batch_rampup import batch_size_at, batch_sizes
+from glm_jax.training.metrics import flops_per_token, peak_flops
+from glm_jax.training.stability import SpikeMonitor
+from glm_jax.training.tensorboard import ScalarWriter
+from glm_jax.training.trainer import Trainer
+
+
+def log(msg: str) -> None:
+    if distributed.is_main_process():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def check_batch_sizes(cfg, data_shards: int) -> None:
+    """Every batch size the run will use splits evenly over data shards and microbatches."""
+    unit = data_shards * cfg.train.microbatches
+    for size in batch_sizes(cfg.train):
+        if size % unit:
+            key = "train.batch_size" if size == cfg.train.batch_size else "the ramp-up (train.batch_size_start/increment)"
+            raise ConfigError(
+                f"{key} gives a batch of {size}, which must be divisible by mesh.data ({data_shards}) "
+                f"x train.microbatches ({cfg.train.microbatches}) = {unit}"
+            )
+
+
+def enable_compile_cache(directory) -> None:
+    """Cache compiled executables under ``directory`` (unless JAX_COMPILATION_CACHE_DIR
+    already names a cache): a resumed run then loads instead of compiling."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+class TrainingRun:
+    """One invocation of the training loop: the trainer, the state, the data, the
+    checkpoints and the logs, from start (or resume) to the final save."""
+
+    def __init__(self, cfg: Config, info):
+        self.cfg, self.info = cfg, info
+        workdir = epath.Path(cfg.workdir) if cfg.workdir else None  # a local path or gs://bucket/dir
+        if workdir and cfg.train.compile_cache:
+            enable_compile_cache(workdir / "compile_cache")
+        mesh = self._mesh()
+        self.trainer = Trainer.build(cfg, mesh)
+        self.shard_index, self.shard_count = distributed.data_shard(mesh)
+        self.ckpt = self._open_workdir(workdir)
+        self.state, self.start, start_row = self._restore_or_init()
+        self.peak, peak_source = peak_flops(list(mesh.devices.flat))
+        self.token_flops = flops_per_token(cfg.model, cfg.train.seq_len)
+        log(f"glm_jax.train: {self.trainer.parameter_count(self.state):,} parameters; data {cfg.data.mixture} "
+            f"on corpus {cfg.data.corpus}")
+        log(f"glm_jax.train: MFU against {self.peak / 1e12:,.3f} TFLOP/s ({peak_source})")
+        use_tb = workdir and cfg.train.tensorboard and distributed.is_main_process()
+        self.writer = ScalarWriter(str(workdir / "tensorboard") if use_tb else None)
+        self.monitor = SpikeMonitor(cfg.train.rollback_after, cfg.train.spike_factor)
+        self.start_row = start_row
+        self.eval_seconds = 0.0  # time spent evaluating, kept out of the training tokens/s
+        self.stop_signal = None
+
+    def _mesh(self):
+        cfg = self.cfg
+        mesh = distributed.multislice_mesh(cfg.mesh) if distributed.slice_count() > 1 else make_mesh(cfg.mesh)
+        check_batch_sizes(cfg, dict(mesh.shape)["data"])
+        if self.info.process_count > 1 or self.info.note:
+            log(f"glm_jax.train: {self.info.describe()}")
+        log(f"glm_jax.train: model {cfg.model.name}, mesh {dict(mesh.shape)} ({cfg.mesh.param_sharding}) on "
+            f"{jax.device_count()} {jax.default_backend()} device(s)")
+        return mesh
+
+    def _open_workdir(self, workdir):
+        if workdir is None:
+            log("glm_jax.train: no workdir set, so no checkpoints are kept")
+            return None
+        if distributed.is_main_process():
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / "config.yaml").write_text(dump_config(self.cfg))
+        return self.trainer.checkpointer(str(workdir))
+
+    def _restore_or_init(self):
+        """(state, first step, data position in global rows)."""
+        restored = self.trainer.restore(self.ckpt, warn=lambda m: log(f"warning: {m}")) if self.ckpt else None
+        if restored is None:
+            return self.trainer.init_state(), 0, 0
+        log(f"glm_jax.train: resuming from step {restored.step} ({self.ckpt.directory})")
+        # Checkpoints from before the data position was saved kept only the step, at a fixed batch size.
+        rows = restored.data_rows if restored.data_rows is not None else restored.step * self.cfg.train.batch_size
+        return restored.state, restored.step, int(rows)
+
+    def evaluate(self) -> float:
+        """Mean Part B loss over ``train.eval_batches`` held-out batches."""
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        loss_sum = weight = 0.0
+        stream = BatchStream(cfg, "validation", process_index=self.shard_index, process_count=self.shard_count)
+        for _ in range(cfg.train.eval_batches):
+            batch = distributed.global_batch(stream.next(cfg.train.batch_size), self.trainer.mesh)
+            ls, w = self.trainer.eval_step(self.state.params, batch)
+            loss_sum, weight = loss_sum + float(ls), weight + float(w)
+        stream.close()
+        self.eval_seconds += time.perf_counter() - t0
+        return loss_sum / max(weight, 1.0)
+
+    def log_eval(self, step: int, value: float) -> None:
+        log(f"step {step}: eval loss {value:.4f}")
+        self.writer.scalars(step, {"eval/loss": value})
+
+    def stopping(self) -> bool:
+        # Every process must stop at the same step, or the others hang in a collective.
+        mine = self.stop_signal is not None
+        return distributed.any_process(mine) if self.info.process_count > 1 else mine
+
+    def log_progress(self, step: int, metrics, batch_size: int, tokens_seen: int, t_start: float) -> float:
+        cfg = self.cfg
+        loss = float(metrics["loss"])
+        elapsed = time.perf_counter() - t_start - self.eval_seconds
+        tps = tokens_seen / elapsed if elapsed > 0 and tokens_seen else float("nan")
+        eta = (cfg.train.steps - step) * batch_size * cfg.train.seq_len / tps if math.isfinite(tps) else float("nan")
+        skipped = int(self.state.skipped)
+        scalars = {
+            "train/loss": loss,
+            "train/learning_rate": float(self.trainer.learning_rate(step - 1)),
+            "train/grad_norm": float(metrics["grad_norm"]),
+            "train/tokens_per_s": tps,
+            "train/mfu": tps * self.token_flops / self.peak,
+            "train/batch_size": batch_size,
+            "train/skipped_steps": skipped,
+        }
+        self.writer.scalars(step, scalars)
+        log(
+            f"step {step}/{cfg.train.steps}  loss {loss:.4f}  lr {scalars['train/learning_rate']:.2e}  "
+            f"grad_norm {scalars['train/grad_norm']:.3f}  tokens/s {tps:,.0f}  "
+            f"mfu {100 * scalars['train/mfu']:.1f}%  eta {eta:,.0f}s"
+            + (f"  batch {batch_size}" if cfg.train.batch_size_start else "")
+            + (f"  skipped {skipped}" if skipped else "")
+        )
+        return loss
+
+    def rollback(self, step: int, data_rows: int) -> int:
+        """Restore the newest checkpoint after a run of bad steps; the data goes on from where
+        it is, so the batches that led into the spike are not seen again. Returns the step
+        to continue from."""
+        if self.ckpt is None:
+            log(f"step {step}: too many bad steps in a row, but there is no workdir to roll back to; going on")
+            return step
+        self.ckpt.wait()
+        restored = self.trainer.restore(self.ckpt, warn=lambda m: log(f"warning: {m}"))
+        if restored is None:
+            log(f"step {step}: too many bad steps in a row, but no checkpoint has been saved yet; going on")
+            return step
+        log(f"step {step}: too many bad steps in a row; rolled back to the checkpoint of step {restored.step}, "
+            f"data continues at row {data_rows}")
+        self.state = restored.state
+        return restored.step
+
+    def run(self) -> dict:
+        cfg, trainer = self.cfg, self.trainer
+
+        def on_sigterm(signum, frame):
+            self.stop_signal = signum
+            log("glm_jax.train: SIGTERM received; finishing this step and saving")
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        data = BatchStream(cfg, "train", start_row=self.start_row, process_index=self.shard_index,
+                           process_count=self.shard_count)
+        tokens_seen, t_start, t_end, loss, eval_loss, first_eval = 0, None, None, float("nan"), None, None
+        rollbacks, skips_rolled_back, step = 0, 0, self.start
+        try:
+            if self.start == 0 and cfg.train.eval_every:
+                first_eval = self.evaluate()
+                self.log_eval(0, first_eval)
+            while step < cfg.train.steps and not self.stopping():
+                batch_size = batch_size_at(cfg.train, data.rows)
+                self.state, metrics = trainer.train_step(self.state, distributed.global_batch(data.next(batch_size), trainer.mesh))
+                step += 1
+                if t_start is None:
+                    loss = float(metrics["loss"])  # the first step includes compilation: time from here
+                    t_start, self.eval_seconds = time.perf_counter(), 0.0
+                else:
+                    tokens_seen += batch_size * cfg.train.seq_len
+                if cfg.train.rollback_after and self.monitor.observe(float(metrics["loss"]), bool(metrics["skipped"])):
+                    skipped_before = int(self.state.skipped)
+                    step = self.rollback(step, data.rows)
+                    skips_rolled_back += skipped_before - int(self.state.skipped)
+                    rollbacks += 1
+                    continue
+                if self.ckpt and not self.monitor.bad_streak:  # never save weights in the middle of a spike
+                    self.ckpt.save(step, self.state, data.rows)
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    loss = self.log_progress(step, metrics, batch_size, tokens_seen, t_start)
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+                    self.log_eval(step, self.evaluate())
+                    self.writer.flush()
+            t_end = time.perf_counter() - self.eval_seconds
+            preempted = self.stopping()
+            if not preempted:
+                eval_loss = self.evaluate()
+                self.log_eval(step, eval_loss)
+            if self.ckpt:
+                self.ckpt.save(step, self.state, data.rows, force=True, wait=True)
+        finally:
+            data.close()
+            self.writer.close()
+            if self.ckpt:
+                self.ckpt.close()
+            signal.signal(signal.SIGTERM, previous)
+
+        elapsed = t_end - t_start if t_start else 0.0
+        rate = tokens_seen / elapsed if elapsed > 0 and tokens_seen else None
+        return {
+            "step": step,
+            "train_loss": loss,
+            "eval_loss": eval_loss,
+            "first_eval_loss": first_eval,
+            "tokens_per_s": rate,
+            "mfu": rate * self.token_flops / self.peak if rate else None,
+            "skipped_steps": int(self.state.skipped) + skips_rolled_back,
+            "rollbacks": rollbacks,
+            "resumed_from": self.start or None,
+            "preempted": preempted,
+            "parameters": trainer.parameter_count(self.state),
+            "mesh": dict(trainer.mesh.shape),
+            "processes": self.info.process_count,
+        }

@@ -1,0 +1,93 @@
+"""The trainer as a library: from a config and a mesh, everything a training step needs.
+
+    trainer = Trainer.build(cfg, mesh)
+    state = trainer.init_state()                    # or trainer.restore(checkpointer)
+    state, metrics = trainer.train_step(state, batch)
+    loss_sum, weight = trainer.eval_step(state.params, batch)
+
+``python -m glm_jax.train`` is a loop around this object; the benchmarks, the
+ahead-of-time compile and the tests build the same one, so there is one construction of
+the step (model, optimizer, shardings, jitted train and eval steps) to keep right.
+The numerics live in ``glm_jax.training.state`` (the state, the loss, the step function);
+this module only assembles them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import jax
+import optax
+from jax.sharding import Mesh
+
+from glm_jax.checkpoint.train_state import Checkpointer, Restored, abstract_with_shardings
+from glm_jax.config import Config
+from glm_jax.model import GLM
+from glm_jax.training import state as train_state
+from glm_jax.training.optimizer import learning_rate_schedule, make_optimizer
+
+TrainState = train_state.TrainState
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The assembled pieces of a training step on one mesh (build with :meth:`build`).
+
+    model: the GLM with dropout on (as configured); optimizer: the optax chain;
+    shardings: a TrainState of NamedShardings; train_step: jitted ``(state, batch) ->
+    (state, metrics)`` that donates the state; eval_step: jitted ``(params, batch) ->
+    (loss_sum, target_count)``.
+    """
+
+    cfg: Config
+    mesh: Mesh
+    model: GLM
+    optimizer: optax.GradientTransformation
+    shardings: TrainState
+    train_step: Callable
+    eval_step: Callable
+
+    @classmethod
+    def build(cls, cfg: Config, mesh: Mesh) -> "Trainer":
+        model = GLM(cfg.model, deterministic=False)
+        optimizer = make_optimizer(cfg.train)
+        shardings = train_state.state_shardings(cfg, model, optimizer, mesh)
+        return cls(
+            cfg=cfg,
+            mesh=mesh,
+            model=model,
+            optimizer=optimizer,
+            shardings=shardings,
+            train_step=train_state.make_train_step(cfg, model, optimizer, mesh, shardings),
+            eval_step=train_state.make_eval_step(GLM(cfg.model), mesh, shardings, cfg.train.loss_vocab_chunks),
+        )
+
+    @property
+    def learning_rate(self) -> optax.Schedule:
+        """The learning rate the optimizer uses at each (0-based) update."""
+        return learning_rate_schedule(self.cfg.train)
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the train state (nothing allocated): the target
+        of a restore, and the argument of an ahead-of-time compile."""
+        abstract = train_state.abstract_state(self.cfg, self.model, self.optimizer)
+        return abstract_with_shardings(abstract, self.shardings)
+
+    def init_state(self, seed: Optional[int] = None) -> TrainState:
+        """Fresh parameters and optimizer state, created directly in their shardings."""
+        seed = self.cfg.train.seed if seed is None else seed
+        return train_state.init_state(self.cfg, self.model, self.optimizer, self.mesh, jax.random.key(seed), self.shardings)
+
+    def checkpointer(self, workdir: str) -> Checkpointer:
+        return Checkpointer(workdir, self.cfg.train.checkpoint_every, self.cfg.train.keep_checkpoints)
+
+    def restore(self, checkpointer: Checkpointer, warn: Callable[[str], None]) -> Optional[Restored]:
+        """The newest checkpoint that restores onto this mesh, or None when there is none."""
+        return checkpointer.restore_latest(self.abstract_state(), warn=warn)
+
+    @staticmethod
+    def parameter_count(state: TrainState) -> int:
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+
