@@ -1,7 +1,7 @@
 """``python -m glm_jax.chat --checkpoint DIR [--vocab PATH]``: chat with ChatGLM-6B-style models.
 
 Reads one query per line from stdin and streams the answer as it is generated, with
-ChatGLM-6B's multi-round prompt (``[Round i]\\n问：…\\n答：…``, GLM_SPEC §2.3) and its
+ChatGLM-6B's multi-round prompt (``[Round i]\\n问：…\\n答：…``, MODEL.md §2.3) and its
 ``chat()`` sampling defaults (top-p 0.7, temperature 0.95, top-k 50). ``clear`` starts a
 new conversation, ``exit`` or end of input leaves. When the conversation no longer fits
 the model's maximum length, the oldest rounds are dropped (Part A is bidirectional, so

@@ -29,7 +29,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """One configurable GLM decoder; each variant is a choice of these fields (GLM_SPEC §8)."""
+    """One configurable GLM decoder; each variant is a choice of these fields (MODEL.md §8)."""
 
     name: str = "glm-tiny"
     vocab_size: int = 1024
@@ -51,7 +51,7 @@ class ModelConfig:
     # Positions.
     position_encoding: Literal["rotary_1d", "rotary_2d", "learned_2d"] = "rotary_1d"
     rotary_base: float = 10000.0
-    rotary_inv_freq_fp16: bool = True  # the authors round inv_freq to fp16 (GLM_SPEC §1.7)
+    rotary_inv_freq_fp16: bool = True  # the authors round inv_freq to fp16 (MODEL.md §1.7)
     rotary_angle_dtype: Literal["float32", "float16"] = "float32"
 
     # Attention. auto: the fused Pallas kernel on TPU/GPU, the XLA reference on CPU.
@@ -96,6 +96,12 @@ class ModelConfig:
         """Positions are ``[b, 2, L]`` (position ids, block position ids) rather than ``[b, L]``:
         ChatGLM-6B's 2D rotary and the original GLM's two learned position tables."""
         return self.position_encoding in ("rotary_2d", "learned_2d")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions one rotary table covers: the whole head (1D), half of it (2D: one half
+        per position row), 0 for learned positions (MODEL.md §1.3, §2.2)."""
+        return {"rotary_1d": self.head_dim, "rotary_2d": self.head_dim // 2}.get(self.position_encoding, 0)
 
     @property
     def alpha(self) -> float:

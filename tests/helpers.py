@@ -28,7 +28,7 @@ BASE = dict(
     pad_token_id=0,
 )
 
-# The variants of GLM_SPEC §8, at test size.
+# The variants of MODEL.md §8, at test size.
 VARIANTS = {
     "glm-130b": ModelConfig(
         name="glm-130b-small", norm_order="post", mlp_type="geglu", gelu_approximate=False,

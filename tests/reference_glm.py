@@ -1,5 +1,5 @@
 """An independent numpy re-statement of the authors' GLM forward pass, written from
-GLM_SPEC (not from glm_jax's model code), for numerical checks.
+docs/MODEL.md (not from glm_jax's model code), for numerical checks.
 
 It works the way the authors' PyTorch code does: torch-layout ``[out, in]`` weights with
 the per-head interleaved QKV rows, a dense boolean mask (True = masked) built with their

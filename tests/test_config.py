@@ -78,3 +78,17 @@ def test_bad_input_names_the_problem(override, message):
 def test_missing_file():
     with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
         load_config("nope.yaml")
+
+
+def test_derived_model_facts_are_config_properties():
+    """Facts other modules derive from the model config, stated once (MODEL.md §8)."""
+    want = {  # name: (head_dim, 2-D positions, rotary dims per table, alpha)
+        "glm-130b": (128, False, 128, 140 ** 0.5),
+        "chatglm-6b": (128, True, 64, 56 ** 0.5),
+        "glm-large": (64, True, 0, 1.0),
+        "glm-tiny": (16, False, 16, 2.0),
+    }
+    for name, (head_dim, two_d, rotary, alpha) in want.items():
+        m = load_config(name).model
+        assert (m.head_dim, m.two_d_positions, m.rotary_dim) == (head_dim, two_d, rotary), name
+        assert m.alpha == pytest.approx(alpha), name

@@ -9,7 +9,7 @@ Presets:
                  vocabulary and its untied lm_head, random weights.
 
 Weights: ``float32`` and ``bfloat16`` compute and store in that dtype; ``int8``/``int4`` are
-GLM_SPEC §2.5's weight-only quantization of the four linears per layer, computing in
+MODEL.md §2.5's weight-only quantization of the four linears per layer, computing in
 bfloat16 (the embeddings and the head stay bfloat16, as the authors keep them fp16).
 Default: all four on a CPU, all but float32 on accelerators. Parameters are laid out as
 ``generate`` runs them (``glm_jax.inference.weights``: layers unrolled, matrices in the

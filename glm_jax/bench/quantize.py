@@ -5,7 +5,7 @@
 DIR is a training workdir (or a converted checkpoint with a ``data`` section). The same
 held-out batches (the config's validation split, Part B tokens, as ``train`` evaluates)
 are scored with the float weights and with the four linears of every layer quantized
-to INT8 and INT4 (GLM_SPEC §2.5); ``ppl_increase`` is the relative rise in perplexity.
+to INT8 and INT4 (MODEL.md §2.5); ``ppl_increase`` is the relative rise in perplexity.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 The authors (GLM-130B's SAT code, ChatGLM-6B's Hugging Face code) store torch ``Linear``
 weights as ``[out, in]`` with the fused QKV rows interleaved per head (row
-``n*3*hd + c*hd + d`` is head n, component c in q|k|v, dim d; GLM_SPEC §1.3, §2.4); the
-original GLM blocks them instead (row ``c*h + n*hd + d``, GLM_SPEC §3.1).
+``n*3*hd + c*hd + d`` is head n, component c in q|k|v, dim d; MODEL.md §1.3, §2.4); the
+original GLM blocks them instead (row ``c*h + n*hd + d``, MODEL.md §3.1).
 glm_jax stores ``[in, out]`` kernels with the structure made explicit
 (``qkv_kernel [embed, 3, heads, head_dim]``, ``out_kernel [heads, head_dim, embed]``,
 GeGLU ``wi_kernel [embed, 2, mlp]``) and, with ``scan_layers``, every per-layer leaf
@@ -98,7 +98,7 @@ def _qkv_transforms(cfg: ModelConfig, qkv: str) -> tuple[Transform, Transform]:
     """(weight, bias) of the fused QKV.
 
     interleaved (GLM-130B, ChatGLM-6B): rows (head, q|k|v, dim); blocks are runs of heads.
-    blocked (the original GLM, GLM_SPEC §3.1): rows (q|k|v, head, dim) -- all Q rows, then
+    blocked (the original GLM, MODEL.md §3.1): rows (q|k|v, head, dim) -- all Q rows, then
     all K, then all V; blocks are runs of heads within one of the three.
     """
     h, nh, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim

@@ -46,6 +46,8 @@ QUANTIZED = "quantized"
 CHECKPOINTS = "checkpoints"
 STATE = "state"
 META = "meta"
+TENSORBOARD = "tensorboard"
+COMPILE_CACHE = "compile_cache"
 # Where the parameters sit inside a train state checkpoint (TrainState.params).
 STATE_PARAMS_PREFIX = ("params",)
 

@@ -1,4 +1,4 @@
-"""Weight-only INT8/INT4 quantization exactly as GLM-130B and ChatGLM-6B store it (GLM_SPEC §2.5).
+"""Weight-only INT8/INT4 quantization exactly as GLM-130B and ChatGLM-6B store it (MODEL.md §2.5).
 
 Per output row r of a torch ``[out, in]`` fp16 weight, symmetric:
 

@@ -11,7 +11,7 @@ and never exists in memory. Source dtypes are kept unless ``dtype`` is given (th
 release is fp16 with fp32 LayerNorms; to-hf writes them back the same way).
 
 A pre-quantized checkpoint (``quantization_bit`` 4 or 8: int8 ``weight`` and fp16
-``weight_scale`` for the four linears of each layer, GLM_SPEC §2.5) is dequantized as
+``weight_scale`` for the four linears of each layer, MODEL.md §2.5) is dequantized as
 the authors' runtime does, so the model runs it as fp16 weights; its own quantized
 tensors are kept beside the parameters (``quantized/``) so that to-hf can write them
 back bit for bit.

@@ -19,7 +19,7 @@ Tensors are merged by the split rules of ``sat_layout`` a block of merged rows a
 each block gathers its rows from the ranks' memory-mapped files and is written as one
 chunk of the orbax checkpoint, so memory stays near one block. Replicated tensors must
 be equal on every rank. A pre-quantized checkpoint (int8 ``weight`` + ``weight_scale``
-for the four linears, GLM_SPEC §2.5; INT4 when the int8 weights are half as wide) is
+for the four linears, MODEL.md §2.5; INT4 when the int8 weights are half as wide) is
 dequantized rank by rank as the authors' runtime does, and its own tensors are kept
 merged in ``quantized/`` so that to-sat writes them back bit for bit.
 """

@@ -1,4 +1,4 @@
-"""ChatGLM-6B's Hugging Face ``config.json`` <-> glm_jax's ModelConfig (GLM_SPEC §2.1, §2.2).
+"""ChatGLM-6B's Hugging Face ``config.json`` <-> glm_jax's ModelConfig (MODEL.md §2.1, §2.2).
 
 ``config.json`` gives the sizes and the special-token ids; everything else about the
 ChatGLM-6B architecture is fixed by the authors' code rather than the config (post-LN
@@ -20,10 +20,10 @@ from typing import Any, Optional
 from glm_jax.config import ModelConfig
 from glm_jax.convert.errors import ConvertError
 
-CHATGLM_ALPHA = math.sqrt(2 * 28)  # GLMBlock's num_layers default, never overridden (GLM_SPEC §2.2)
+CHATGLM_ALPHA = math.sqrt(2 * 28)  # GLMBlock's num_layers default, never overridden (MODEL.md §2.2)
 LEGACY_VOCAB = 150528
 
-# ChatGLMConfig defaults at HEAD, and before the slim vocabulary (GLM_SPEC §2.1).
+# ChatGLMConfig defaults at HEAD, and before the slim vocabulary (MODEL.md §2.1).
 _DEFAULTS = {
     "hidden_size": 4096,
     "num_layers": 28,
@@ -83,7 +83,7 @@ def model_config(hf: dict, where: str = "config.json", *, name: Optional[str] = 
     if not isinstance(two_d, bool):
         raise ConvertError(f"{where}: position_encoding_2d={two_d!r} must be true or false")
     mask, gmask, sop, eop = get["mask_token_id"], get["gmask_token_id"], get["bos_token_id"], get["eos_token_id"]
-    smask = mask + 2  # tokenizer order: [MASK] [gMASK] [sMASK] <unused_0> <sop> <eop> (GLM_SPEC §2.1)
+    smask = mask + 2  # tokenizer order: [MASK] [gMASK] [sMASK] <unused_0> <sop> <eop> (MODEL.md §2.1)
     for key, v in (("mask_token_id", mask), ("gmask_token_id", gmask), ("bos_token_id", sop), ("eos_token_id", eop), ("pad_token_id", get["pad_token_id"])):
         if not 0 <= v < vocab:
             raise ConvertError(f"{where}: {key}={v} is outside the vocabulary [0, {vocab}); set it in config.json")
@@ -122,7 +122,7 @@ def model_config(hf: dict, where: str = "config.json", *, name: Optional[str] = 
 
 
 def quantization_bits(hf: dict, where: str = "config.json") -> int:
-    """0 for an fp16/fp32 checkpoint, else 4 or 8 (weight-only INT4/INT8 linears, GLM_SPEC §2.5)."""
+    """0 for an fp16/fp32 checkpoint, else 4 or 8 (weight-only INT4/INT8 linears, MODEL.md §2.5)."""
     bits = hf.get("quantization_bit") or 0
     if bits not in (0, 4, 8):
         raise ConvertError(f"{where}: quantization_bit={bits!r}; expected 0, 4 or 8")

@@ -1,7 +1,7 @@
 """Tensor-parallel SAT checkpoints: each tensor's key and how it is split over ranks.
 
 Two layouts share the file format (``<iter>/mp_rank_XX_model_states.pt`` holding
-``{"module": state_dict, ...}``, GLM_SPEC §4.1):
+``{"module": state_dict, ...}``, MODEL.md §4.1):
 
 ``glm-130b``  GLM-130B's SwissArmyTransformer checkpoints: the keys of
               ``glm_jax.checkpoint.authors_layout`` (``transformer.*``), QKV rows interleaved per
@@ -198,7 +198,7 @@ def layout_of(cfg: ModelConfig) -> str:
     return "glm" if cfg.position_encoding == "learned_2d" else "glm-130b"
 
 
-# What each layout's model code hard-wires (GLM_SPEC §1, §3.1).
+# What each layout's model code hard-wires (MODEL.md §1, §3.1).
 _FIXED = {
     "glm-130b": {"norm_order": "post", "mlp_type": "geglu", "gelu_approximate": False, "use_bias": True,
                  "tie_embeddings": True, "position_encoding": "rotary_1d", "attention_layer_scaling": True},

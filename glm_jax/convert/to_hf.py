@@ -12,7 +12,7 @@ authors' code computes them (fp16-rounded) unless the from-hf source had none, s
 from-hf followed by to-hf gives back the same tensors bit for bit.
 
 ``--quantize 8|4`` writes the four linears of each layer as the authors' INT8/INT4
-``weight`` + ``weight_scale`` (GLM_SPEC §2.5); a checkpoint converted from a quantized
+``weight`` + ``weight_scale`` (MODEL.md §2.5); a checkpoint converted from a quantized
 source is written quantized again by default, with the source's own quantized tensors
 wherever the weights still match them.
 
@@ -42,10 +42,10 @@ DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
 
 
 def _inv_freq(cfg: ModelConfig, dtype: str) -> np.ndarray:
-    """The authors' buffer: 1 / base^(2i/dim) in float32, rounded to fp16 (GLM_SPEC §2.2)."""
+    """The authors' buffer: 1 / base^(2i/dim) in float32, rounded to fp16 (MODEL.md §2.2)."""
     import torch
 
-    dim = cfg.head_dim // 2 if cfg.position_encoding == "rotary_2d" else cfg.head_dim
+    dim = cfg.rotary_dim
     inv = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2).float() / dim))
     inv = inv.half().float().numpy()
     return inv.astype(np_dtype(dtype))

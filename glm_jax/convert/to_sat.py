@@ -13,7 +13,7 @@ kept (``--dtype`` casts every tensor, LayerNorms too, as SAT's fp16 models hold 
 
 ``--quantize 8|4`` writes the four linears of each layer as int8 ``weight`` +
 ``weight_scale``, quantized per rank shard as GLM-130B's ``tools/convert_tp.py`` does
-(GLM_SPEC §2.5); INT4 splits the packed bytes, so each rank's columns of a row-parallel
+(MODEL.md §2.5); INT4 splits the packed bytes, so each rank's columns of a row-parallel
 linear must be even in number. A checkpoint converted from a quantized source is written
 quantized again by default, with the source's own int8 tensors and scales wherever they
 still give the stored weights. A row-parallel linear's scales belong to the source's

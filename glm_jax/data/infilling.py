@@ -1,4 +1,4 @@
-"""GLM's autoregressive blank infilling (GLM_SPEC §3.2, §3.3), a block of texts at a time in numpy.
+"""GLM's autoregressive blank infilling (MODEL.md §3.2, §3.3), a block of texts at a time in numpy.
 
 Given token sequences and a seeded generator, build GLM samples:
 
@@ -8,7 +8,7 @@ Given token sequences and a seeded generator, build GLM samples:
 and the GLM positions: ``position`` is the index in Part A (every Part B token of a span
 takes its mask token's index); ``block_position`` is 0 on Part A and 1, 2, ... inside
 each span (``<sop>`` = 1). Models with 1D positions (GLM-130B) use the reduction of
-GLM_SPEC §1.6: plain ``arange`` for ``[gMASK]`` samples, the ``position`` row otherwise.
+MODEL.md §1.6: plain ``arange`` for ``[gMASK]`` samples, the ``position`` row otherwise.
 
 Objectives:
   * ``mask``  ([MASK]) — span lengths from Poisson(3) restricted to 1..39, drawn until
@@ -238,7 +238,7 @@ class Block:
         return group_starts(self.lengths)
 
     def positions_1d(self) -> np.ndarray:
-        """GLM-130B's 1D positions (GLM_SPEC §1.6): arange for [gMASK], the position row otherwise."""
+        """GLM-130B's 1D positions (MODEL.md §1.6): arange for [gMASK], the position row otherwise."""
         if self.objective != "gmask":
             return self.positions
         return concat_ranges(np.zeros(len(self.lengths)), self.lengths).astype(np.int32)
@@ -352,7 +352,7 @@ def gmask_sample(text: np.ndarray, ids: SpecialIds, rng: np.random.Generator, mi
 
 
 def positions_1d(sample: Sample) -> np.ndarray:
-    """GLM-130B's 1D positions (GLM_SPEC §1.6): arange for [gMASK], the position row otherwise."""
+    """GLM-130B's 1D positions (MODEL.md §1.6): arange for [gMASK], the position row otherwise."""
     if sample.objective == "gmask":
         return np.arange(len(sample.tokens), dtype=np.int32)
     return sample.positions

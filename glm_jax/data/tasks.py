@@ -15,8 +15,8 @@ For a corpus, tasks ``glm.<key>.mask``, ``.smask`` and ``.gmask`` apply one obje
 each; ``glm.<key>.instructions`` lays out the pairs. ``register(cfg, vocab)`` registers
 them and returns the mixture the config asks for (``data.mixture``):
 
-  glm130b       95% blank infilling (30% [MASK], 70% [gMASK], r=0.2), 5% instructions (GLM_SPEC §3.3)
-  glm-original  50% [MASK], 30% [sMASK], 20% [gMASK] with r=0.5 (GLM_SPEC §3.2, GLM-10B)
+  glm130b       95% blank infilling (30% [MASK], 70% [gMASK], r=0.2), 5% instructions (MODEL.md §3.3)
+  glm-original  50% [MASK], 30% [sMASK], 20% [gMASK] with r=0.5 (MODEL.md §3.2, GLM-10B)
   mask | smask | gmask | instructions   one objective alone
 """
 
@@ -212,7 +212,7 @@ def register(cfg: Config, vocab) -> str:
 
     d, m = cfg.data, cfg.model
     length = cfg.train.seq_len
-    one_d = m.position_encoding == "rotary_1d"
+    one_d = not m.two_d_positions
     ids = inf.SpecialIds.from_model(m)
     rates = mixture_rates(cfg)
     key = hashlib.sha1(json.dumps([dataclasses.asdict(d), dataclasses.asdict(m), length, vocab.path]).encode()).hexdigest()[:10]

@@ -1,4 +1,4 @@
-"""GLM-130B's blank filling: several blanks filled one at a time, left to right (GLM_SPEC §1.6).
+"""GLM-130B's blank filling: several blanks filled one at a time, left to right (MODEL.md §1.6).
 
 For each row the generation mask is ``[MASK]`` if the row has one, else ``[sMASK]``, else
 ``[gMASK]``. Each round takes the first remaining blank of that kind, generates after

@@ -107,7 +107,7 @@ class LoadedModel:
         return self.generator.stream(input_ids, max_new_tokens, _sampling(sampling, options), chunk=chunk, bucket=bucket)
 
     def fill_blanks(self, rows: Sequence[Sequence[int]], max_new_tokens: int = 32, sampling=None, **options):
-        """GLM-130B's blank filling (GLM_SPEC §1.6); see ``glm_jax.inference.blanks``."""
+        """GLM-130B's blank filling (MODEL.md §1.6); see ``glm_jax.inference.blanks``."""
         from glm_jax.inference.blanks import fill_blanks
 
         return fill_blanks(self.generator, rows, max_new_tokens, _sampling(sampling, options))

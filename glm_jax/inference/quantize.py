@@ -1,4 +1,4 @@
-"""Weight-only INT8/INT4 parameters in GLM-130B's / ChatGLM-6B's format (GLM_SPEC §2.5).
+"""Weight-only INT8/INT4 parameters in GLM-130B's / ChatGLM-6B's format (MODEL.md §2.5).
 
 The four linears of every layer (QKV, attention output, both MLP projections) become
 :class:`glm_jax.model.linear.QuantizedWeight` leaves; embeddings, the output head,

@@ -8,7 +8,7 @@
 * ChatGLM-6B's vocabulary (``ice_text.model``) spells newlines, tabs and runs of spaces as
   the pieces ``<n>``, ``<|tab|>`` and ``<|blank_N|>`` (its tokenizer's ``_preprocess``);
   when the vocabulary has those pieces, text is mapped onto them and back.
-* Chat: ChatGLM-6B's multi-round format (GLM_SPEC §2.3), round i being
+* Chat: ChatGLM-6B's multi-round format (MODEL.md §2.3), round i being
   ``[Round i]\\n问：{query}\\n答：{response}\\n``; a first round is just the query.
 """
 

@@ -11,7 +11,7 @@ there). They are Part B, so token j sees every valid slot up to its own:
     visible(j, k) = kv_start[b] <= k <= q_index[b] + j
 
 which is what the GLM mask (``glm_jax.kernels.attention_mask``) gives a Part B query: all of Part A
-and every earlier Part B token. The arithmetic is the reference's (GLM_SPEC §1.3):
+and every earlier Part B token. The arithmetic is the reference's (MODEL.md §1.3):
 q / (sqrt(d) * c) in the compute dtype, float32 scores, -10000 on hidden slots, * c,
 float32 softmax, probabilities cast back for the product with v. Hidden slots weigh
 exactly 0 after the softmax, as in ``kernels/reference.py``, so a cached step gives the

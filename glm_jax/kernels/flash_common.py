@@ -5,7 +5,7 @@ time. The functions here are pure ``jnp`` on those blocks, so Mosaic, Triton and
 interpreter trace the same arithmetic:
 
 * scores ``s = (q_s . k) * c`` in float32, q_s already divided by sqrt(d) * c in the
-  compute dtype (the reference's arithmetic, GLM_SPEC §1.3);
+  compute dtype (the reference's arithmetic, MODEL.md §1.3);
 * a partially visible block sets hidden scores to -inf (fully visible blocks skip this);
 * online softmax with a finite running-max floor, so a row that has seen no visible key
   yet contributes exp(-inf) = 0 rather than NaN;

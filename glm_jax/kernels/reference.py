@@ -1,6 +1,6 @@
 """XLA attention with GLM's mask: the numerical reference for every fused kernel.
 
-Follows the authors' arithmetic (GLM_SPEC §1.3): with c = layer index + 1,
+Follows the authors' arithmetic (MODEL.md §1.3): with c = layer index + 1,
 q <- q / (sqrt(d) * c) in the compute dtype, scores = q.k accumulated in float32,
 masked scores set to -10000, scores * c in float32, softmax in float32, then the
 probabilities cast back to the compute dtype for the product with v. Without layer

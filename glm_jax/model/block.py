@@ -1,6 +1,6 @@
 """One GLM layer: attention + MLP with a DeepNorm post-LN or a pre-LN residual.
 
-post (GLM-130B, ChatGLM-6B; GLM_SPEC §1.2): the residual is the LayerNorm *output*
+post (GLM-130B, ChatGLM-6B; MODEL.md §1.2): the residual is the LayerNorm *output*
 scaled by alpha:  a = LN_in(x); y = a*alpha + Attn(a); b = LN_post(y); out = b*alpha + MLP(b).
 pre (original GLM):  y = x + Attn(LN_in(x)); out = y + MLP(LN_post(y)).
 """

@@ -1,6 +1,6 @@
 """The GLM decoder: embeddings -> stacked blocks (scanned or unrolled) -> final norm -> head.
 
-One configurable module covers GLM-130B, ChatGLM-6B and the original GLM (GLM_SPEC §8).
+One configurable module covers GLM-130B, ChatGLM-6B and the original GLM (MODEL.md §8).
 Inputs are token ids, positions (``[b, L]`` or ``[b, 2, L]``), per-example Part A
 lengths and optional segment ids; see ``glm_jax.kernels.attention_mask`` for the mask rule
 and ``glm_jax.model.positions.prepare_inputs`` to build these from token ids.

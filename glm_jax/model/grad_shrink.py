@@ -1,4 +1,4 @@
-"""Embedding gradient shrink (GLM-130B, GLM_SPEC §1.4).
+"""Embedding gradient shrink (GLM-130B, MODEL.md §1.4).
 
 The authors write ``E[ids]*a + E[ids].detach()*(1-a)`` (and the same on the tied output
 weight): the forward value is unchanged and only dL/dE is scaled by ``a``. Applying that

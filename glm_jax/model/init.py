@@ -1,6 +1,6 @@
 """Parameter initialisation.
 
-``deepnorm`` (GLM-130B, GLM_SPEC §1.4): Xavier-normal, std = gain * sqrt(2 / (fan_in + fan_out))
+``deepnorm`` (GLM-130B, MODEL.md §1.4): Xavier-normal, std = gain * sqrt(2 / (fan_in + fan_out))
 with fans of the full (unsharded) matrix; gain beta = (2N)^-0.5 on V, the attention output,
 each GLU half and the FFN output, gain 1 on Q and K. Word embeddings normal(0, init_std).
 

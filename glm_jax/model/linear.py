@@ -3,7 +3,7 @@
 A kernel in the parameter tree is a float array or one of two compact leaves:
 
 * :class:`QuantizedWeight`: GLM-130B's / ChatGLM-6B's weight-only INT8 or INT4
-  (GLM_SPEC §2.5) in glm_jax's layout. ``q`` has the kernel's shape with its contraction
+  (MODEL.md §2.5) in glm_jax's layout. ``q`` has the kernel's shape with its contraction
   (input) axes first and, for INT4, the last contraction axis halved (two values per
   byte, the even input index in the high nibble); ``scale`` is float16 over the output
   axes (one per output row of the authors' ``[out, in]`` weight), or ``[groups, *out]``

@@ -2,7 +2,7 @@
 
 GeGLU: ``u = x W_i`` with W_i ``[embed, 2, mlp]``; the result is ``u[0] * gelu(u[1])``:
 the first half is the linear branch, the second goes through exact (erf) GELU
-(GLM_SPEC §1.2). The plain MLP uses the tanh GELU written as the authors write it.
+(MODEL.md §1.2). The plain MLP uses the tanh GELU written as the authors write it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``prepare_inputs`` gives what the model takes besides the tokens: positions (1D for
 GLM-130B, ``[b, 2, L]`` position / block position rows for ChatGLM-6B and the original
-GLM), the Part A length of each example and segment ids for left padding (GLM_SPEC §1.6
+GLM), the Part A length of each example and segment ids for left padding (MODEL.md §1.6
 for 1D positions, §2.3 for 2D). What a token may attend to, given those, is the rule in
 ``glm_jax.kernels.attention_mask``.
 """
@@ -22,7 +22,7 @@ def _first(row: np.ndarray, token: int) -> int:
 
 
 def _positions_1d(row: np.ndarray, cfg: ModelConfig, sop: int) -> np.ndarray:
-    """GLM-130B (GLM_SPEC §1.6): arange; with [MASK]/[sMASK] every token from <sop> on
+    """GLM-130B (MODEL.md §1.6): arange; with [MASK]/[sMASK] every token from <sop> on
     takes the index of the first generation mask ([MASK] before [sMASK])."""
     pos = np.arange(len(row), dtype=np.int32)
     mask_pos = _first(row, cfg.mask_token_id)
@@ -34,7 +34,7 @@ def _positions_1d(row: np.ndarray, cfg: ModelConfig, sop: int) -> np.ndarray:
 
 
 def _positions_2d(row: np.ndarray, cfg: ModelConfig, sop: int) -> np.ndarray:
-    """ChatGLM-6B / original GLM (GLM_SPEC §2.3): row 0 is arange with every token from
+    """ChatGLM-6B / original GLM (MODEL.md §2.3): row 0 is arange with every token from
     <sop> on set to the [gMASK] index (else [MASK]); row 1 is 0 on Part A, 1, 2, ... after."""
     n = len(row)
     pos = np.arange(n, dtype=np.int32)

@@ -1,7 +1,7 @@
 """Rotary position embeddings: 1D (GLM-130B) and 2D (ChatGLM-6B), GPT-NeoX ``rotate_half``.
 
 Dimension i pairs with dimension i + rot_dim/2. ``inv_freq`` is rounded to fp16 as in
-the authors' released code (GLM_SPEC §1.7); angles are computed in float32 by default,
+the authors' released code (MODEL.md §1.7); angles are computed in float32 by default,
 or in float16 to reproduce the authors' half-precision inference.
 """
 

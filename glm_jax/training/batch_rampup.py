@@ -1,5 +1,5 @@
 """Batch-size ramp-up, as GLM-130B trained (192 -> 4224 sequences over the first 2.5% of
-samples, GLM_SPEC §5): the global batch grows in equal steps of
+samples, MODEL.md §5): the global batch grows in equal steps of
 ``train.batch_size_increment`` spaced evenly over ``train.rampup_samples`` sequences.
 
 The size is a function of the sequences consumed so far (saved with each checkpoint),

@@ -16,6 +16,7 @@ import time
 import jax
 from etils import epath
 
+from glm_jax.checkpoint import directory
 from glm_jax.config import Config, ConfigError, dump_config
 from glm_jax.data.pipeline import BatchStream
 from glm_jax.parallel import distributed
@@ -44,12 +45,12 @@ def check_batch_sizes(cfg, data_shards: int) -> None:
             )
 
 
-def enable_compile_cache(directory) -> None:
-    """Cache compiled executables under ``directory`` (unless JAX_COMPILATION_CACHE_DIR
+def enable_compile_cache(path) -> None:
+    """Cache compiled executables under ``path`` (unless JAX_COMPILATION_CACHE_DIR
     already names a cache): a resumed run then loads instead of compiling."""
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
-    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
@@ -61,7 +62,7 @@ class TrainingRun:
         self.cfg, self.info = cfg, info
         workdir = epath.Path(cfg.workdir) if cfg.workdir else None  # a local path or gs://bucket/dir
         if workdir and cfg.train.compile_cache:
-            enable_compile_cache(workdir / "compile_cache")
+            enable_compile_cache(workdir / directory.COMPILE_CACHE)
         mesh = self._mesh()
         self.trainer = Trainer.build(cfg, mesh)
         self.shard_index, self.shard_count = distributed.data_shard(mesh)
@@ -73,7 +74,7 @@ class TrainingRun:
             f"on corpus {cfg.data.corpus}")
         log(f"glm_jax.train: MFU against {self.peak / 1e12:,.3f} TFLOP/s ({peak_source})")
         use_tb = workdir and cfg.train.tensorboard and distributed.is_main_process()
-        self.writer = ScalarWriter(str(workdir / "tensorboard") if use_tb else None)
+        self.writer = ScalarWriter(str(workdir / directory.TENSORBOARD) if use_tb else None)
         self.monitor = SpikeMonitor(cfg.train.rollback_after, cfg.train.spike_factor)
         self.start_row = start_row
         self.eval_seconds = 0.0  # time spent evaluating, kept out of the training tokens/s
@@ -95,7 +96,7 @@ class TrainingRun:
             return None
         if distributed.is_main_process():
             workdir.mkdir(parents=True, exist_ok=True)
-            (workdir / "config.yaml").write_text(dump_config(self.cfg))
+            (workdir / directory.CONFIG).write_text(dump_config(self.cfg))
         return self.trainer.checkpointer(str(workdir))
 
     def _restore_or_init(self):

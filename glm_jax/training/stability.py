@@ -1,6 +1,6 @@
 """When to give up on the current weights: GLM-130B's training log is full of loss spikes
 recovered by hand, by restarting from an earlier checkpoint and skipping the data that
-caused them (GLM_SPEC §5). This watches each step and says when to do that.
+caused them (MODEL.md §5). This watches each step and says when to do that.
 
 A step is bad when its update was skipped (non-finite loss or gradient) or, with
 ``spike_factor`` set, when its loss exceeds ``spike_factor`` times the running average of

@@ -1,6 +1,6 @@
 """Small random tensor-parallel SAT checkpoints, written with torch as the authors' tools
 write them, and the authors' split and merge rules restated here independently of
-glm_jax.convert (GLM_SPEC §4.1):
+glm_jax.convert (MODEL.md §4.1):
 
 - GLM-130B (``tools/convert_tp.py``): LayerNorms, row-parallel biases and ``inv_freq``
   replicated; ``attention.dense`` / ``dense_4h_to_h`` weights chunked on dim 1;

@@ -9,7 +9,7 @@ from glm_jax.config import load_config
 from glm_jax.convert import hf_config as hfc
 from glm_jax.convert.errors import ConvertError
 
-# config.json of THUDM/chatglm-6b at HEAD (GLM_SPEC §2.1), and before the 2023-04-06 "slim"
+# config.json of THUDM/chatglm-6b at HEAD (MODEL.md §2.1), and before the 2023-04-06 "slim"
 # vocabulary, when it had no mask ids (the code's defaults applied) and pad 20003.
 RELEASE = {
     "_name_or_path": "THUDM/chatglm-6b", "architectures": ["ChatGLMModel"], "bos_token_id": 130004, "eos_token_id": 130005,

@@ -1,6 +1,6 @@
 """from-hf streams below the size of one tensor: converting a checkpoint whose two
 largest tensors are 256 MiB each raises the converter's peak RSS above that of a
-process that only imports it by less than one such tensor (GLM_SPEC-scale runs:
+process that only imports it by less than one such tensor (GLM-130B-scale runs:
 ``python -m glm_jax.bench convert``)."""
 
 from glm_jax.bench.convert import run_child

@@ -70,10 +70,10 @@ def check_logits(model_dir: str, full: dict, layout: str, atol: float) -> None:
         ctx = row.index(sop)
         mask_pos = row.index(g) if g in row else row.index(m)
         pos = np.arange(len(row))
-        if layout == "glm":  # 2D: positions from <sop> on at the mask, block positions 1, 2, ... (GLM_SPEC §3.2)
+        if layout == "glm":  # 2D: positions from <sop> on at the mask, block positions 1, 2, ... (MODEL.md §3.2)
             pos[ctx:] = mask_pos
             pos = np.stack([pos, np.concatenate([np.zeros(ctx, int), np.arange(1, len(row) - ctx + 1)])])
-        elif g not in row:  # GLM-130B, 1D: [gMASK] keeps arange, [MASK] moves Part B to the mask (GLM_SPEC §1.6)
+        elif g not in row:  # GLM-130B, 1D: [gMASK] keeps arange, [MASK] moves Part B to the mask (MODEL.md §1.6)
             pos[ctx:] = mask_pos
         want = forward(ref, cfg, np.asarray([row]), pos[None], authors_mask(len(row), ctx))[0]
         got = model.logits(np.asarray([row]))[0]

@@ -1,4 +1,4 @@
-"""Mask and position helpers against the worked examples of GLM_SPEC §1.6 and §2.3."""
+"""Mask and position helpers against the worked examples of MODEL.md §1.6 and §2.3."""
 
 import dataclasses
 

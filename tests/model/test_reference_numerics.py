@@ -63,7 +63,7 @@ def test_logits_match_authors_arithmetic(name, mask_kind):
 
 
 def test_chatglm_alpha_does_not_follow_depth():
-    # A 3-layer ChatGLM-format model still uses sqrt(56) (GLM_SPEC §2.2); GLM-130B uses its own depth.
+    # A 3-layer ChatGLM-format model still uses sqrt(56) (MODEL.md §2.2); GLM-130B uses its own depth.
     assert variant("chatglm-6b").alpha == pytest.approx(56 ** 0.5)
     assert variant("glm-130b", num_layers=70).alpha == pytest.approx(140 ** 0.5)
     assert variant("glm-original").alpha == 1.0

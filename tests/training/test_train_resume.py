@@ -123,5 +123,5 @@ def test_model_flops_count_matches_the_parameter_count():
     # Matmul parameters = all parameters minus biases and LayerNorms (the tied table is the head).
     biases_and_norms = m.num_layers * (3 * m.hidden_size + m.hidden_size + 2 * m.mlp_dim + m.hidden_size + 4 * m.hidden_size) + 2 * m.hidden_size
     assert matmul_params(m) == report(cfg)["parameters"] - biases_and_norms
-    # GLM-130B at 2048 tokens: 6N plus attention, as in the training-log arithmetic of GLM_SPEC §5.
+    # GLM-130B at 2048 tokens: 6N plus attention, as in the training-log arithmetic of MODEL.md §5.
     assert flops_per_token(m, 2048) == pytest.approx(6 * matmul_params(m) + 12 * 70 * 12288 * 2048)
