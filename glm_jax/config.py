@@ -230,6 +230,9 @@ class TrainConfig:
     # Compiled programs kept in workdir/compile_cache, so a restarted or resumed run skips
     # XLA compilation (minutes for large models). JAX_COMPILATION_CACHE_DIR, if set, wins.
     compile_cache: bool = True
+    # Resuming a workdir whose saved model/data config differs from this one is refused
+    # (its checkpoints belong to another run); true says the change is intended.
+    allow_config_change: bool = False
 
     def validate(self) -> None:
         for key in ("checkpoint_every", "eval_every", "rollback_after"):
@@ -532,6 +535,27 @@ def _deep_copy(d: Any) -> Any:
     if isinstance(d, dict):
         return {k: _deep_copy(v) for k, v in d.items()}
     return d
+
+
+# Model keys that change neither the parameters nor the arithmetic: a run may resume with
+# other values (a different kernel, block size or rematerialisation).
+RESUME_NEUTRAL_KEYS = frozenset({
+    "model.attention_impl", "model.attention_block_q", "model.attention_block_kv", "model.attention_block_q_bwd",
+    "model.attention_block_kv_bwd", "model.remat_policy",
+})
+
+
+def differences(old: Config, new: Config, sections: Sequence[str] = ("model", "data")) -> list[str]:
+    """``section.key: old -> new`` for every key of ``sections`` whose value differs,
+    leaving out those that cannot change what a run computes (RESUME_NEUTRAL_KEYS)."""
+    out = []
+    for section in sections:
+        a, b = dataclasses.asdict(getattr(old, section)), dataclasses.asdict(getattr(new, section))
+        for key in a:
+            full = f"{section}.{key}"
+            if a[key] != b[key] and full not in RESUME_NEUTRAL_KEYS:
+                out.append(f"{full}: {a[key]!r} -> {b[key]!r}")
+    return out
 
 
 def dump_config(cfg: Config) -> str:

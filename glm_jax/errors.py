@@ -13,3 +13,14 @@ class UserError(ValueError):
 
 class CheckpointError(UserError):
     """A checkpoint directory that is missing, incomplete or disagrees with its config."""
+
+
+def one_line(e: BaseException, limit: int = 240) -> str:
+    """An exception as one line for a message: its innermost cause (which usually names
+    the file), type and first sentence, cut at a word, without tensorstore's spec dumps."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0]
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

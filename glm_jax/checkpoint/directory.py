@@ -14,6 +14,8 @@ A **training workdir** (``python -m glm_jax.train workdir=DIR``) holds::
     config.yaml                  the run's config
     checkpoints/<step>/state/    orbax checkpoint of the train state; parameters under ``params``
     checkpoints/<step>/meta/     JSON metadata: the step and the data position in global rows
+    checkpoints/damaged/<step>/  checkpoints that could not be read, set aside (never restored or counted)
+    .lock                        held by the training run using the workdir (checkpoint/lock.py)
     tensorboard/, compile_cache/
 
 A step directory counts only once orbax has committed it (``state/_METADATA`` exists), so
@@ -46,6 +48,7 @@ QUANTIZED = "quantized"
 CHECKPOINTS = "checkpoints"
 STATE = "state"
 META = "meta"
+DAMAGED = "damaged"  # checkpoints/damaged/<step>: checkpoints that could not be read, set aside
 TENSORBOARD = "tensorboard"
 COMPILE_CACHE = "compile_cache"
 # Where the parameters sit inside a train state checkpoint (TrainState.params).
@@ -138,6 +141,16 @@ def resolve(path: str, step: Optional[int] = None) -> Source:
     elif step not in steps:
         raise CheckpointError(f"{path}: no finished checkpoint of step {step}; saved steps: {', '.join(map(str, steps))}")
     return Source(root, cfg_path, os.path.join(step_dir(root, step), STATE), STATE_PARAMS_PREFIX, step)
+
+
+def candidates(path: str, step: Optional[int] = None) -> list[Source]:
+    """What to try reading, best first: the one source ``path`` and ``step`` name, or, for
+    a training workdir without a step, every committed checkpoint from the newest down
+    (a reader falls back past a damaged newest one)."""
+    first = resolve(path, step)
+    if not first.is_workdir or step is not None:
+        return [first]
+    return [first] + [resolve(path, s) for s in reversed(workdir_steps(first.root)) if s != first.step]
 
 
 @contextlib.contextmanager

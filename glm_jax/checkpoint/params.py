@@ -23,7 +23,7 @@ import numpy as np
 from glm_jax.checkpoint import authors_layout, directory, store
 from glm_jax.checkpoint.directory import Source
 from glm_jax.config import Config, ConfigError, ModelConfig, TrainConfig, dump_config, load_config
-from glm_jax.errors import CheckpointError
+from glm_jax.errors import CheckpointError, one_line
 
 Path = tuple[str, ...]
 
@@ -168,7 +168,11 @@ def export(src: str, dst: str, *, step: Optional[int] = None, overwrite: bool = 
             out = writer.create(path, shape, dtype, chunk)
             for corner in itertools.product(*(range(0, s, c) for s, c in zip(shape, chunk))):
                 region = tuple(slice(a, min(a + c, s)) for a, c, s in zip(corner, chunk, shape))
-                value = np.asarray(arr[region].read().result())
+                try:
+                    value = np.asarray(arr[region].read().result())
+                except Exception as e:  # a torn or missing file: name it, in one line
+                    raise CheckpointError(f"{source.describe()}: parameter {'/'.join(path)} cannot be read "
+                                          f"({one_line(e)})") from None
                 writer.write(out, region, value)
                 done += value.nbytes
                 if progress:

@@ -17,6 +17,7 @@ from glm_jax.checkpoint import authors_layout, directory, params
 from glm_jax.config import ModelConfig
 from glm_jax.convert import blocks as blk
 from glm_jax.convert.tensors import to_numpy, to_torch, torch_dtype
+from glm_jax.errors import CheckpointError, one_line
 
 READ_AHEAD = 4
 
@@ -36,25 +37,34 @@ def _read_units(t: authors_layout.Transform, chunks: tuple[int, ...], stacked: b
     return t.split[t.block_axis]
 
 
-def ours_blocks(e: authors_layout.Entry, arr, cfg: ModelConfig) -> Iterator[tuple[blk.Block, object]]:
+def ours_blocks(e: authors_layout.Entry, arr, cfg: ModelConfig, where: str = "") -> Iterator[tuple[blk.Block, object]]:
     """``e``'s tensor as (block, its box of our layout as a torch tensor), in the authors' row
-    order, a few reads in flight."""
+    order, a few reads in flight. A read that fails (a damaged checkpoint) is a
+    CheckpointError naming ``where`` and the parameter."""
     t = e.transform
     prefix = authors_layout.leaf_index(e, cfg)
     units = _read_units(t, tuple(arr.chunk_layout.read_chunk.shape), bool(prefix))
     pending: collections.deque = collections.deque()
+
+    def result(future):
+        try:
+            return to_torch(np.asarray(future.result()))
+        except Exception as err:  # tensorstore reports a torn or missing file as ValueError
+            raise CheckpointError(f"{where or 'checkpoint'}: parameter {'/'.join(e.path)} cannot be read "
+                                  f"({one_line(err)})") from None
+
     for b in blk.blocks(t, units):
         pending.append((b, arr[prefix + b.region].read()))
         if len(pending) > READ_AHEAD:
             b0, future = pending.popleft()
-            yield b0, to_torch(np.asarray(future.result()))
+            yield b0, result(future)
     while pending:
         b0, future = pending.popleft()
-        yield b0, to_torch(np.asarray(future.result()))
+        yield b0, result(future)
 
 
-def authors_blocks(e: authors_layout.Entry, arr, cfg: ModelConfig, dtype: str) -> Iterator[tuple[blk.Block, np.ndarray]]:
+def authors_blocks(e: authors_layout.Entry, arr, cfg: ModelConfig, dtype: str, where: str = "") -> Iterator[tuple[blk.Block, np.ndarray]]:
     """``e``'s tensor in the authors' layout, as (block, rows cast to ``dtype``) in row order."""
     tdt = torch_dtype(dtype)
-    for b, box in ours_blocks(e, arr, cfg):
+    for b, box in ours_blocks(e, arr, cfg, where):
         yield b, to_numpy(blk.ours_to_rows(e.transform, b, box).to(tdt))

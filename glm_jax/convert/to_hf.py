@@ -110,7 +110,7 @@ def convert(
     bar = Progress(sum(t.nbytes for t in tensors), "to-hf", enabled=progress)
 
     def dense(e: authors_layout.Entry) -> Iterator[tuple[blk.Block, np.ndarray]]:
-        return params_read.authors_blocks(e, stored.array(e.path), cfg, out_dtype(e))
+        return params_read.authors_blocks(e, stored.array(e.path), cfg, out_dtype(e), stored.source.describe())
 
     def rows(key: str) -> Iterator[np.ndarray]:
         for part in _rows(key):

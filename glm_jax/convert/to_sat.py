@@ -191,11 +191,12 @@ def convert(
             elif k in by_key:
                 se = by_key[k]
                 if bits and se.quantizable:
-                    _write_quantized(se, stored.array(se.entry.path), cfg, merged, writers, kept, groups.get(k), bits, bar)
+                    _write_quantized(se, stored.array(se.entry.path), cfg, merged, writers, kept, groups.get(k), bits, bar,
+                                     stored.source.describe())
                 else:
                     shape, dt, split = merged[k]
                     shards = Shards(writers, k, split, shape, dt)
-                    for b, box in params_read.ours_blocks(se.entry, stored.array(se.entry.path), cfg):
+                    for b, box in params_read.ours_blocks(se.entry, stored.array(se.entry.path), cfg, stored.source.describe()):
                         shards.add_box(se.entry.transform, b, box)
                         bar.update(box.numel() * np_dtype(dt).itemsize * (tp if split.kind == "replicated" else 1))
                     shards.done()
@@ -205,14 +206,14 @@ def convert(
 
 
 def _write_quantized(se: SatEntry, arr, cfg, merged: dict, writers: RankWriters, kept: Optional[KeptScales],
-                     groups: Optional[list[int]], bits: int, bar: Progress) -> None:
+                     groups: Optional[list[int]], bits: int, bar: Progress, where: str = "") -> None:
     """A quantized linear's ``weight`` and ``weight_scale`` shards, from its fp16 rows:
     the kept source tensors where they still give these weights, else quantized per shard."""
     tp = writers.tp
     qs = Shards(writers, se.key, se.split, *merged[se.key][:2])
     ss = Shards(writers, se.scale_key, se.scale_split, *merged[se.scale_key][:2])
     use_kept = kept is not None and kept.has(se.key) and (se.split.kind != "cols" or groups is not None)
-    for b, rows in params_read.authors_blocks(se.entry, arr, cfg, "float16"):
+    for b, rows in params_read.authors_blocks(se.entry, arr, cfg, "float16", where):
         a, z = b.row_start, b.row_stop
         kq = np.asarray(kept.array(se.key)[a:z].read().result()) if use_kept else None
         if se.split.kind == "cols":

@@ -23,7 +23,8 @@ holds its dense linears in memory.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence, Union
+import sys
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -32,6 +33,7 @@ import numpy as np
 # methods that use it.
 from glm_jax.checkpoint import authors_layout, directory, params, quantized
 from glm_jax.config import ConfigError, ModelConfig
+from glm_jax.errors import CheckpointError, UserError, one_line
 
 Bits = Union[int, str, None]
 
@@ -157,7 +159,7 @@ def _placed(cfg: ModelConfig, params: Any, mesh) -> LoadedModel:
 
 
 def load(checkpoint_dir: str, *, dtype: Optional[str] = None, quantize: Bits = None, mesh=None,
-         step: Optional[int] = None) -> LoadedModel:
+         step: Optional[int] = None, warn: Optional[Callable[[str], None]] = None) -> LoadedModel:
     """Restore ``checkpoint_dir`` (a converted checkpoint or a training workdir).
 
     dtype: compute dtype override (converted checkpoints compute in float32; parameters
@@ -167,18 +169,36 @@ def load(checkpoint_dir: str, *, dtype: Optional[str] = None, quantize: Bits = N
       (``glm_jax.inference.quantize``), reusing stored tensors of the same width.
     mesh: a ``jax.sharding.Mesh`` to place the parameters on, split by the logical-axis
       rules (heads and the MLP over ``model``), for models larger than one device.
-    step: which checkpoint of a training workdir (default: the newest).
+    step: which checkpoint of a training workdir (default: the newest; a newest checkpoint
+      that cannot be read is passed over for the one before, with one ``warn`` line,
+      default to stderr). A named step that cannot be read is a CheckpointError.
     """
     from glm_jax.inference import quantize as qz  # imports jax: not at `import glm_jax`
 
-    source = directory.resolve(checkpoint_dir, step)
+    warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
+    sources = directory.candidates(checkpoint_dir, step)
+    for i, source in enumerate(sources):
+        try:
+            cfg, tree = _read(source, dtype, parse_bits(quantize), qz)
+            break
+        except UserError:
+            raise
+        except Exception as e:  # unreadable: a torn or damaged checkpoint
+            if i + 1 == len(sources):
+                raise CheckpointError(f"{source.describe()} cannot be read ({one_line(e)})") from None
+            warn(f"{source.describe()} cannot be read ({one_line(e)}); loading step {sources[i + 1].step} instead")
+    return _placed(cfg, tree, mesh)
+
+
+def _read(source: directory.Source, dtype: Optional[str], bits: Optional[int], qz) -> tuple[ModelConfig, Any]:
+    """The model config and the parameter tree (numpy, quantized as asked) of one source."""
     stored = params.open_params(source)
     cfg = stored.config
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
         cfg.validate()
     have = params.stored_bits(source)
-    bits = have if parse_bits(quantize) is None else parse_bits(quantize)
+    bits = have if bits is None else bits
     # With the release's own quantized tensors, the dense copies of the linears are not read.
     keep = {e.path for e in authors_layout.entries(cfg) if quantized.is_quantized_linear(e.key)} if bits and bits == have else set()
     tree = stored.tree(skip=keep)
@@ -186,4 +206,4 @@ def load(checkpoint_dir: str, *, dtype: Optional[str] = None, quantize: Bits = N
         tree = qz.from_authors(tree, cfg, bits, quantized.KeptTensors(source.quantized_dir).pair)
     elif bits:
         tree = qz.quantize(tree, cfg, bits)
-    return _placed(cfg, tree, mesh)
+    return cfg, tree

@@ -17,7 +17,8 @@ import jax
 from etils import epath
 
 from glm_jax.checkpoint import directory
-from glm_jax.config import Config, ConfigError, dump_config
+from glm_jax.checkpoint.lock import WorkdirLock
+from glm_jax.config import Config, ConfigError, differences, dump_config, load_config
 from glm_jax.data.pipeline import BatchStream
 from glm_jax.parallel import distributed
 from glm_jax.parallel.mesh import make_mesh
@@ -45,6 +46,35 @@ def check_batch_sizes(cfg, data_shards: int) -> None:
             )
 
 
+def prepare_workdir(workdir, cfg: Config) -> None:
+    """Create ``workdir`` if needed, and refuse (ConfigError, nothing written) when it is
+    not a directory or holds another run: checkpoints saved with a different model or
+    data config, unless ``train.allow_config_change``."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"workdir={workdir} is a file, not a directory")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"workdir={workdir} cannot be created: {e.strerror or e}") from None
+    saved = workdir / directory.CONFIG
+    has_checkpoints = (workdir / directory.CHECKPOINTS).exists() and any(
+        p.name.isdigit() for p in (workdir / directory.CHECKPOINTS).iterdir())
+    if not (saved.exists() and has_checkpoints) or cfg.train.allow_config_change:
+        return
+    try:
+        before = load_config(str(saved))
+    except ConfigError as e:
+        raise ConfigError(f"workdir={workdir} holds checkpoints but its {directory.CONFIG} does not load ({e}); "
+                          "train in a new workdir=") from None
+    changed = differences(before, cfg)
+    if changed:
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise ConfigError(
+            f"workdir={workdir} holds checkpoints of another configuration ({'; '.join(changed[:3])}{more}); "
+            "train in a new workdir=, or pass train.allow_config_change=true to resume with the new values"
+        )
+
+
 def enable_compile_cache(path) -> None:
     """Cache compiled executables under ``path`` (unless JAX_COMPILATION_CACHE_DIR
     already names a cache): a resumed run then loads instead of compiling."""
@@ -60,14 +90,26 @@ class TrainingRun:
 
     def __init__(self, cfg: Config, info):
         self.cfg, self.info = cfg, info
+        self.lock = None
         workdir = epath.Path(cfg.workdir) if cfg.workdir else None  # a local path or gs://bucket/dir
+        self._claim_workdir(workdir)  # before any work: the workdir may belong to another run
+        try:
+            self._setup(workdir)
+        except BaseException:
+            self.close()  # a refused or failed start leaves the workdir free for the next try
+            raise
+
+    def _setup(self, workdir) -> None:
+        cfg = self.cfg
         if workdir and cfg.train.compile_cache:
             enable_compile_cache(workdir / directory.COMPILE_CACHE)
         mesh = self._mesh()
         self.trainer = Trainer.build(cfg, mesh)
         self.shard_index, self.shard_count = distributed.data_shard(mesh)
-        self.ckpt = self._open_workdir(workdir)
+        self.ckpt = self.trainer.checkpointer(str(workdir)) if workdir else None
         self.state, self.start, start_row = self._restore_or_init()
+        if workdir and distributed.is_main_process():
+            (workdir / directory.CONFIG).write_text(dump_config(self.cfg))
         self.peak, peak_source = peak_flops(list(mesh.devices.flat))
         self.token_flops = flops_per_token(cfg.model, cfg.train.seq_len)
         log(f"glm_jax.train: {self.trainer.parameter_count(self.state):,} parameters; data {cfg.data.mixture} "
@@ -90,14 +132,31 @@ class TrainingRun:
             f"{jax.device_count()} {jax.default_backend()} device(s)")
         return mesh
 
-    def _open_workdir(self, workdir):
+    def _claim_workdir(self, workdir) -> None:
+        """Make ``workdir`` this run's: it exists (or is created), its saved config describes
+        the same model and data (else its checkpoints belong to another run and are left
+        alone), and no other run holds its lock. This run's config is written once its
+        state is restored or created (a refused restore leaves the workdir as it was)."""
         if workdir is None:
             log("glm_jax.train: no workdir set, so no checkpoints are kept")
-            return None
+            return
+        prepare_workdir(workdir, self.cfg)  # every process checks, so all refuse together
         if distributed.is_main_process():
-            workdir.mkdir(parents=True, exist_ok=True)
-            (workdir / directory.CONFIG).write_text(dump_config(self.cfg))
-        return self.trainer.checkpointer(str(workdir))
+            self.lock = WorkdirLock(str(workdir)).acquire()
+            if self.lock.previous:
+                log(f"glm_jax.train: taking over {workdir} from a run that ended without releasing it "
+                    f"(pid {self.lock.previous.get('pid')} on {self.lock.previous.get('host')})")
+
+    def close(self) -> None:
+        """Finish pending saves and free the workdir (idempotent)."""
+        ckpt, self.ckpt = getattr(self, "ckpt", None), None
+        try:
+            if ckpt is not None:
+                ckpt.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
 
     def _restore_or_init(self):
         """(state, first step, data position in global rows)."""
@@ -215,16 +274,15 @@ class TrainingRun:
                     self.writer.flush()
             t_end = time.perf_counter() - self.eval_seconds
             preempted = self.stopping()
+            if self.ckpt:  # saved before the final eval, so nothing trained is lost if eval fails
+                self.ckpt.save(step, self.state, data.rows, force=True, wait=True)
             if not preempted:
                 eval_loss = self.evaluate()
                 self.log_eval(step, eval_loss)
-            if self.ckpt:
-                self.ckpt.save(step, self.state, data.rows, force=True, wait=True)
         finally:
             data.close()
             self.writer.close()
-            if self.ckpt:
-                self.ckpt.close()
+            self.close()
             signal.signal(signal.SIGTERM, previous)
 
         elapsed = t_end - t_start if t_start else 0.0
