@@ -317,6 +317,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     tfds_data_dir: Optional[str] = None
     synthetic_vocab_size: int = 64  # mixture=synthetic: ordinary ids of the copy task
+    # Longer documents are cut into pieces of at most this many characters as they are read
+    # (bounded memory whatever the input; one line of a text file is one document).
+    max_document_chars: int = 20_000
 
     def validate(self) -> None:
         parse_source(self.corpus, "data.corpus")
@@ -331,6 +334,7 @@ class DataConfig:
         _require(self.shuffle_buffer > 0, f"data.shuffle_buffer must be > 0, got {self.shuffle_buffer}")
         _require(self.vocab_id_offset >= 0, f"data.vocab_id_offset must be >= 0, got {self.vocab_id_offset}")
         _require(self.synthetic_vocab_size > 0, f"data.synthetic_vocab_size must be > 0, got {self.synthetic_vocab_size}")
+        _require(self.max_document_chars >= 1000, f"data.max_document_chars must be >= 1000, got {self.max_document_chars}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,22 +37,26 @@ def report(cfg: Config, devices: Optional[int] = None) -> dict:
     leaves = jax.tree.leaves(shapes)
     spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     n_params = sum(math.prod(x.shape) for x in leaves)
-    per_device_elems = 0
+    # mesh.param_sharding: what the data axis splits besides the batch -- nothing
+    # (replicated), the AdamW moments (zero1), or parameters and moments (fsdp).
+    mode = cfg.mesh.param_sharding
+    plain = split = 0
     largest = 0
     for x, spec in zip(leaves, spec_leaves):
-        local = rules.shard_shape(x.shape, rules.logical_to_mesh_spec(spec), sizes)
-        per_device_elems += math.prod(local)
+        plain += math.prod(rules.shard_shape(x.shape, rules.logical_to_mesh_spec(spec), sizes))
+        split += math.prod(rules.shard_shape(x.shape, rules.logical_to_mesh_spec(spec, shard_params_over_data=True), sizes))
         largest = max(largest, math.prod(x.shape) * np.dtype(x.dtype).itemsize)
     p_bytes = np.dtype(cfg.model.param_dtype).itemsize
-    params_bytes = per_device_elems * p_bytes
-    # AdamW keeps two moments shaped (and sharded) like the parameters, in the param dtype.
-    adam_bytes = 2 * per_device_elems * p_bytes
+    params_bytes = (split if mode == "fsdp" else plain) * p_bytes
+    # AdamW keeps two moments shaped like the parameters, in the param dtype.
+    adam_bytes = 2 * (plain if mode == "replicated" else split) * p_bytes
     return {
         "model": cfg.model.name,
         "parameters": int(n_params),
         "mesh": sizes,
         "devices": math.prod(sizes.values()),
         "param_dtype": cfg.model.param_dtype,
+        "param_sharding": mode,
         "per_device_bytes": {
             "params": int(params_bytes),
             "adamw_state": int(adam_bytes),

@@ -32,9 +32,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from glm_jax.parallel import distributed
 
     info = distributed.initialize()
-    from glm_jax.training.loop import TrainingRun
+    from glm_jax.training.loop import SIGTERM, TrainingRun
 
-    result = TrainingRun(cfg, info).run()
+    SIGTERM.install()  # from here on a SIGTERM stops the run cleanly, start-up included
+    try:
+        result = TrainingRun(cfg, info).run()
+    finally:
+        SIGTERM.uninstall()
     if distributed.is_main_process():
         print(json.dumps(result), flush=True)
     return 0

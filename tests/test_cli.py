@@ -66,3 +66,16 @@ def test_bad_input_is_one_line_not_a_traceback(args, message):
     assert r.stderr.strip() == message or r.stderr.strip().startswith(message), r.stderr
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_info_honours_param_sharding():
+    """ZeRO-1 splits the AdamW moments over data, FSDP the parameters too."""
+    from glm_jax.config import load_config
+    from glm_jax.info import report
+
+    sizes = {m: report(load_config("glm-130b", ["mesh.data=4", "mesh.model=8", f"mesh.param_sharding={m}"]))["per_device_bytes"]
+             for m in ("replicated", "zero1", "fsdp")}
+    assert sizes["zero1"]["params"] == sizes["replicated"]["params"]
+    assert sizes["zero1"]["adamw_state"] < 0.3 * sizes["replicated"]["adamw_state"]
+    assert sizes["fsdp"]["params"] < 0.3 * sizes["replicated"]["params"]
+    assert sizes["fsdp"]["adamw_state"] == sizes["zero1"]["adamw_state"]

@@ -23,7 +23,7 @@ def pipeline_rate(cfg, n_batches: int) -> dict:
     from glm_jax.data import tasks
     from glm_jax.data.pipeline import batches
 
-    tasks.STATS.clear()
+    tasks.reset_stats()
     gen = batches(cfg, "train")
     next(gen)  # startup: corpus, vocabulary, TF graph building
     t = time.perf_counter()

@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from typing import Iterator, Optional
 
@@ -153,17 +156,62 @@ def candidates(path: str, step: Optional[int] = None) -> list[Source]:
     return [first] + [resolve(path, s) for s in reversed(workdir_steps(first.root)) if s != first.step]
 
 
+WRITER = ".writer"  # in a staging directory: the pid and host writing it
+
+
+def remove_stale_partials(dst: str, log=None) -> list[str]:
+    """Delete the staging directories of earlier writes to ``dst`` whose writer is gone (a
+    conversion killed before it could clean up); returns what was removed."""
+    removed = []
+    for path in sorted(glob.glob(glob.escape(dst) + ".partial-*")):
+        try:
+            with open(os.path.join(path, WRITER)) as f:
+                writer = json.load(f)
+        except (OSError, ValueError):
+            writer = {}
+        if writer.get("host") == socket.gethostname() and _alive(int(writer.get("pid", 0))):
+            continue  # another process is writing it now
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+        if log:
+            log(f"removed {path}, the unfinished output of an earlier run that was stopped")
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
-def staged_output(dst: str, *, overwrite: bool = False) -> Iterator[str]:
-    """Yield a temporary directory that becomes ``dst`` when the block finishes without error."""
+def staged_output(dst: str, *, overwrite: bool = False, log=None) -> Iterator[str]:
+    """Yield a temporary directory that becomes ``dst`` when the block finishes without error.
+
+    Staging directories left by killed writers are removed first; the finished directory
+    gets the permissions of a directory made by the user (the umask applies), not the
+    owner-only mode of a temporary one."""
     dst = os.path.abspath(dst)
     if os.path.exists(dst) and not overwrite:
         raise CheckpointError(f"{dst} already exists (pass --overwrite to replace it)")
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
+    remove_stale_partials(dst, log or (lambda m: print(f"note: {m}", file=sys.stderr)))
     tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".partial-", dir=parent)
+    with open(os.path.join(tmp, WRITER), "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
     try:
         yield tmp
+        os.remove(os.path.join(tmp, WRITER))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

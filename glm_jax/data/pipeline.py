@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from glm_jax.config import Config, ConfigError
-from glm_jax.data import tasks
+from glm_jax.data import tasks, tf_runtime
 from glm_jax.data.feature_converter import GLMFeatureConverter, batch_rows
 from glm_jax.data.synthetic import copy_rows
 from glm_jax.data.vocab import load_vocabulary
@@ -38,13 +38,7 @@ logging.getLogger("absl").addFilter(_DropSeqioCacheAdvice())
 
 
 def _tf():
-    import tensorflow as tf
-
-    try:
-        tf.config.set_visible_devices([], "GPU")  # keep TF off the accelerators JAX uses
-    except RuntimeError:
-        pass  # already initialised, with the same setting
-    return tf
+    return tf_runtime.tensorflow()
 
 
 def host_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -105,6 +99,10 @@ def to_model_batch(features: dict, cfg: Config) -> Batch:
     )
 
 
+class EmptySplit(ConfigError):
+    """A split that yields no examples at all (a corpus too small, or nothing readable in it)."""
+
+
 class BatchStream:
     """This process's share of consecutive global batches, of any size, from a position
     counted in global rows (``rows``, saved with checkpoints).
@@ -118,7 +116,7 @@ class BatchStream:
                  process_count: int = 1):
         if start_row % process_count:
             raise ValueError(f"start_row {start_row} is not divisible by the {process_count} processes")
-        self.cfg, self.rows = cfg, start_row
+        self.cfg, self.rows, self.split = cfg, start_row, split
         self.process_index, self.process_count = process_index, process_count
         self._it = self._local_rows = None
         if cfg.data.mixture != "synthetic":
@@ -137,7 +135,15 @@ class BatchStream:
             first = self.rows + self.process_index * per_host
             batch = copy_rows(cfg.model, first, per_host, cfg.train.seq_len, cfg.train.seed, cfg.data.synthetic_vocab_size)
         else:
-            batch = to_model_batch(next(batch_rows(itertools.islice(self._local_rows, per_host), per_host)), self.cfg)
+            try:
+                features = next(batch_rows(itertools.islice(self._local_rows, per_host), per_host))
+            except StopIteration:
+                skipped = tasks.skipped_input()
+                raise EmptySplit(
+                    f"data: the {self.split} split of data.corpus={self.cfg.data.corpus} yields no examples"
+                    + (f" (the readers skipped: {', '.join(f'{v} {k}' for k, v in sorted(skipped.items()))})" if skipped else "")
+                ) from None
+            batch = to_model_batch(features, self.cfg)
         self.rows += global_batch_size
         return batch
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from glm_jax.data import infilling as inf
+from glm_jax.data import tf_runtime
 
 FEATURES = ("tokens", "targets", "loss_weights", "positions", "block_positions")
 BLOCK = 256  # documents per block
@@ -28,9 +29,7 @@ BLOCK = 256  # documents per block
 # TensorFlow and seqio are imported inside the functions that use them: they take seconds to
 # import, and config checks, the synthetic mixture and the jax-only tools never need them.
 def _tf():
-    import tensorflow as tf
-
-    return tf
+    return tf_runtime.tensorflow()
 
 
 def as_blocks(keys: tuple[str, ...]):

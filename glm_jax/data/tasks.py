@@ -29,7 +29,7 @@ import json
 import os
 from typing import Iterator, Optional
 
-from glm_jax.config import Config, ConfigError, SourceSpec, parse_source
+from glm_jax.config import Config, ConfigError, DataConfig, SourceSpec, parse_source
 from glm_jax.data import corpus
 from glm_jax.data import infilling as inf
 from glm_jax.data import preprocessors as prep
@@ -37,8 +37,11 @@ from glm_jax.data import preprocessors as prep
 # TensorFlow and seqio are imported inside the functions that use them: they take seconds to
 # import, and config checks, the synthetic mixture and the jax-only tools never need them.
 
-# What readers skipped or repaired, per process (shown by inspect and bench).
+# What readers skipped or repaired, per process (shown by train, inspect and bench),
+# counted once per file whatever the number of passes over it.
 STATS: collections.Counter = collections.Counter()
+_COUNTED: set = set()
+BINARY_PROBE = 8192  # a file with a NUL byte in its first 8 KiB is binary, not text
 
 MIXTURES = {
     # objective -> share, before data.*_rate overrides
@@ -68,18 +71,38 @@ def _in_split(doc: str, split: str) -> bool:
 
 
 def read_lines(files: list[str], *, fmt: str, fields: tuple[str, ...], split: str, escaped: bool = False,
-               split_by_hash: bool = True) -> Iterator[tuple[str, ...]]:
+               split_by_hash: bool = True, max_chars: int = 0) -> Iterator[tuple[str, ...]]:
     """Documents (or field tuples) from files, one per line. Never stops early on bad input:
-    unreadable files, invalid JSON and empty documents are skipped and counted in STATS;
-    invalid UTF-8 is replaced (U+FFFD) and counted."""
+    unreadable and binary files, invalid JSON, missing fields and empty documents are
+    skipped and counted in STATS; invalid UTF-8 is replaced (U+FFFD) and counted.
+
+    max_chars > 0 bounds what one document can cost: a longer plain document is cut into
+    pieces of at most that many characters (at whitespace where it can), counted as
+    ``cut_documents``; a longer field tuple (instructions) is skipped as
+    ``oversized_documents``. Counts are taken on the first pass over each file only, so
+    they do not grow as the data repeats.
+    """
     import tensorflow as tf
 
     for path in files:
+        # Counted once: a file's problems on its first read only, and per-document skips in
+        # one split's pass (both splits read every line of a shared file).
+        key = (path, split, fmt, fields)
+        stats = STATS if key not in _COUNTED else collections.Counter()
+        file_stats = STATS if path not in _COUNTED else collections.Counter()
+        skips = stats if not split_by_hash or split == "train" else collections.Counter()
+        _COUNTED.add(path)
         try:
             f = tf.io.gfile.GFile(path, "rb")
+            if is_binary(f.read(BINARY_PROBE)):
+                file_stats["binary_files"] += 1
+                _COUNTED.add(key)
+                continue
+            f.seek(0)
             lines = iter(f)
         except (tf.errors.OpError, OSError):
-            STATS["unreadable_files"] += 1
+            file_stats["unreadable_files"] += 1
+            _COUNTED.add(key)
             continue
         while True:
             try:
@@ -87,38 +110,93 @@ def read_lines(files: list[str], *, fmt: str, fields: tuple[str, ...], split: st
             except StopIteration:
                 break
             except (tf.errors.OpError, OSError):
-                STATS["unreadable_files"] += 1
+                file_stats["unreadable_files"] += 1
                 break
+            if b"\0" in raw:
+                skips["binary_documents"] += 1
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
                 line = raw.decode("utf-8", errors="replace")
-                STATS["invalid_utf8_documents"] += 1
+                skips["invalid_utf8_documents"] += 1
             line = line.rstrip("\r\n")
             if fmt == "jsonl":
                 if not line.strip():
-                    STATS["empty_documents"] += 1
+                    skips["empty_documents"] += 1
                     continue
                 try:
                     obj = json.loads(line)
                     values = tuple(obj[k] for k in fields)
                     if not all(isinstance(v, str) for v in values):
                         raise TypeError
-                except (ValueError, KeyError, TypeError):
-                    STATS["unreadable_documents"] += 1
+                except (ValueError, KeyError, TypeError, RecursionError):
+                    skips["unreadable_documents"] += 1
                     continue
             else:
                 values = (corpus.unescape(line) if escaped else line,)
             if not values[0].strip():
-                STATS["empty_documents"] += 1
+                skips["empty_documents"] += 1
                 continue
             if split_by_hash and not _in_split(values[0], split):
                 continue
-            STATS["documents"] += 1
+            stats["documents"] += 1
+            if max_chars and any(len(v) > max_chars for v in values):
+                if len(values) > 1:
+                    stats["oversized_documents"] += 1
+                    continue
+                stats["cut_documents"] += 1
+                yield from ((piece,) for piece in cut(values[0], max_chars))
+                continue
             yield values
+        _COUNTED.add(key)
 
 
-def _text_source(spec: SourceSpec, fields: tuple[str, ...]):
+_CONTROL = bytes(b for b in range(32) if b not in (9, 10, 12, 13, 27)) + b"\x7f"
+
+
+def is_binary(probe: bytes) -> bool:
+    """A file's first bytes look like data, not text: a NUL byte and more than 5% control
+    bytes (a text file with a stray NUL loses only that line)."""
+    if b"\0" not in probe:
+        return False
+    return sum(probe.count(c) for c in _CONTROL) > 0.05 * len(probe)
+
+
+def cut(text: str, max_chars: int) -> Iterator[str]:
+    """``text`` in pieces of at most ``max_chars`` characters, each ending at the last
+    whitespace of its window when there is one in its second half."""
+    start = 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        space = text.rfind(" ", start + max_chars // 2, end)
+        end = space + 1 if space >= 0 else end
+        yield text[start:end]
+        start = end
+    if start < len(text):
+        yield text[start:]
+
+
+def reset_stats() -> None:
+    """Forget what the readers counted (the next pass over each file counts again)."""
+    STATS.clear()
+    _COUNTED.clear()
+
+
+def skipped_input() -> dict[str, int]:
+    """What the readers passed over or changed so far (files, documents), by reason."""
+    return {k: v for k, v in STATS.items() if k != "documents" and v}
+
+
+def check_sources(d: DataConfig) -> None:
+    """Fail fast (ConfigError) when a source names files that do not exist: checked before
+    any model is built, rather than when the first batch is read."""
+    for spec in (parse_source(d.corpus, "data.corpus"), parse_source(d.instructions, "data.instructions")):
+        if spec.kind in ("text", "jsonl"):
+            _glob(spec.pattern)
+
+
+def _text_source(spec: SourceSpec, fields: tuple[str, ...], max_chars: int = 0):
     import seqio
     import tensorflow as tf
 
@@ -142,7 +220,8 @@ def _text_source(spec: SourceSpec, fields: tuple[str, ...]):
             # Documents cross from Python to TensorFlow in blocks: per-element crossings cost more
             # than reading the text.
             block = {k: [] for k in keys}
-            for values in read_lines(files[split], fmt=fmt, fields=json_fields, split=split, escaped=escaped, split_by_hash=by_hash):
+            for values in read_lines(files[split], fmt=fmt, fields=json_fields, split=split, escaped=escaped,
+                                     split_by_hash=by_hash, max_chars=max_chars):
                 for k, v in zip(keys, values):
                     block[k].append(v)
                 if len(block[keys[0]]) == READ_BLOCK:
@@ -229,7 +308,7 @@ def register(cfg: Config, vocab) -> str:
             continue
         if corpus_spec.kind == "none":
             raise ConfigError(f"data.corpus=none but data.mixture={d.mixture} needs a corpus for {obj}")
-        source = _tfds_source(corpus_spec, d.tfds_data_dir) if corpus_spec.kind == "tfds" else _text_source(corpus_spec, ("text",))
+        source = _tfds_source(corpus_spec, d.tfds_data_dir) if corpus_spec.kind == "tfds" else _text_source(corpus_spec, ("text",), d.max_document_chars)
         objective = prep.blank_infilling(
             obj, ids, one_d=one_d, mask_ratio=d.mask_ratio, gmask_min_ratio=gmin,
             ends_sentence=vocab.sentence_end_table() if obj == "smask" else None, budget=sample_len - chunk_for[obj],
@@ -259,7 +338,7 @@ def register(cfg: Config, vocab) -> str:
         _add(
             seqio.Task(
                 name,
-                _text_source(spec, ("prompt", "response")),
+                _text_source(spec, ("prompt", "response"), d.max_document_chars),
                 output_features=feats,
                 preprocessors=[
                     prep.as_blocks(("prompt", "response")),

@@ -23,6 +23,7 @@ import numpy as np
 import sentencepiece as spm
 
 from glm_jax.config import ConfigError, ModelConfig
+from glm_jax.errors import one_line
 from glm_jax.data import build_vocab, corpus
 
 # TensorFlow and seqio are imported inside the functions that use them: they take seconds to
@@ -45,6 +46,14 @@ def _seqio():
     return seqio
 
 
+def load_sentencepiece(path: str) -> spm.SentencePieceProcessor:
+    """A SentencePiece model, or ConfigError naming the file when it is not one."""
+    try:
+        return spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:
+        raise ConfigError(f"{path} is not a SentencePiece model ({one_line(e)})") from None
+
+
 class GLMVocabulary:
     """Text <-> model ids for one model config. Also a ``seqio.Vocabulary`` via ``.seqio()``."""
 
@@ -55,7 +64,7 @@ class GLMVocabulary:
         self._seqio = None
         self.cfg = cfg
         self.id_offset = id_offset
-        self.sp = spm.SentencePieceProcessor(model_file=sp_model_path)
+        self.sp = load_sentencepiece(sp_model_path)
         n_pieces = self.sp.get_piece_size()
         self.text_size = n_pieces - id_offset  # model ids [0, text_size) are SentencePiece pieces
         self.special: dict[int, str] = {}

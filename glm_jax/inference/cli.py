@@ -9,11 +9,9 @@ import os
 import sys
 from typing import Optional
 
-import sentencepiece as spm
-
 from glm_jax.checkpoint import directory
 from glm_jax.config import ConfigError, MeshConfig, load_config
-from glm_jax.data.vocab import GLMVocabulary, default_vocabulary_path
+from glm_jax.data.vocab import GLMVocabulary, default_vocabulary_path, load_sentencepiece
 from glm_jax.inference.loading import load
 from glm_jax.inference.sampling import Sampling
 from glm_jax.inference.text import PromptText, until_stop
@@ -64,11 +62,19 @@ def sampling_from_args(args) -> Sampling:
 def _vocab_offset(path: str, cfg, given: Optional[int], configured: int) -> int:
     if given is not None:
         return given
-    sp = spm.SentencePieceProcessor(model_file=path)
+    sp = load_sentencepiece(path)
     pid = sp.piece_to_id("[gMASK]")
     if pid != sp.unk_id() and sp.id_to_piece(pid) == "[gMASK]":
         return pid - cfg.gmask_token_id
     return configured
+
+
+def check_model_parallel(n: int, cfg) -> None:
+    """Heads and the MLP must split evenly over ``n`` devices."""
+    if cfg.num_heads % n or cfg.mlp_dim % n:
+        valid = [d for d in range(1, cfg.num_heads + 1) if cfg.num_heads % d == 0 and cfg.mlp_dim % d == 0]
+        raise UsageError(f"--model-parallel {n} does not divide the model's {cfg.num_heads} attention heads and "
+                         f"{cfg.mlp_dim} MLP units; valid values: {', '.join(map(str, valid))}")
 
 
 def load_model_and_text(args):
@@ -81,6 +87,8 @@ def load_model_and_text(args):
     if args.model_parallel > 1:
         from glm_jax.parallel.mesh import make_mesh  # builds a jax mesh: only with --model-parallel
 
+        if cfg_file is not None:
+            check_model_parallel(args.model_parallel, cfg_file.model)
         mesh = make_mesh(MeshConfig(data=-1, model=args.model_parallel))
     try:
         model = load(ckpt, dtype=args.dtype, quantize=args.quantize, mesh=mesh)

@@ -53,8 +53,8 @@ def logical_to_sharding(logical_spec_tree: Any, mesh: Mesh, shard_params_over_da
     return nn.logical_to_mesh_sharding(logical_spec_tree, mesh, logical_axis_rules(shard_params_over_data))
 
 
-def logical_to_mesh_spec(logical_spec: PartitionSpec) -> PartitionSpec:
-    return nn.logical_to_mesh_axes(tuple(logical_spec), LOGICAL_AXIS_RULES)
+def logical_to_mesh_spec(logical_spec: PartitionSpec, shard_params_over_data: bool = False) -> PartitionSpec:
+    return nn.logical_to_mesh_axes(tuple(logical_spec), logical_axis_rules(shard_params_over_data))
 
 
 def mesh_axes(logical: str, axis_names: tuple[str, ...]) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from typing import Optional
 
 import jax
 from etils import epath
@@ -19,7 +20,8 @@ from etils import epath
 from glm_jax.checkpoint import directory
 from glm_jax.checkpoint.lock import WorkdirLock
 from glm_jax.config import Config, ConfigError, differences, dump_config, load_config
-from glm_jax.data.pipeline import BatchStream
+from glm_jax.data import tasks
+from glm_jax.data.pipeline import BatchStream, EmptySplit
 from glm_jax.parallel import distributed
 from glm_jax.parallel.mesh import make_mesh
 from glm_jax.training.batch_rampup import batch_size_at, batch_sizes
@@ -27,6 +29,37 @@ from glm_jax.training.metrics import flops_per_token, peak_flops
 from glm_jax.training.stability import SpikeMonitor
 from glm_jax.training.tensorboard import ScalarWriter
 from glm_jax.training.trainer import Trainer
+
+
+# Reader counts that are repairs (the input was used), not input left out.
+REPAIRED_INPUT = frozenset({"cut_documents", "invalid_utf8_documents", "documents"})
+
+
+class SigtermFlag:
+    """SIGTERM (preemption, maintenance) as a flag the loop checks between steps: the run
+    finishes its step, saves and exits 0. Installed as soon as jax is imported, so a
+    SIGTERM during start-up (restore, compilation) also ends the run cleanly instead of
+    in a native crash handler's stack dump."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        self.received = True
+        log("glm_jax.train: SIGTERM received; finishing this step and saving")
+
+    def install(self) -> None:
+        self.received = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+SIGTERM = SigtermFlag()
 
 
 def log(msg: str) -> None:
@@ -101,6 +134,8 @@ class TrainingRun:
 
     def _setup(self, workdir) -> None:
         cfg = self.cfg
+        if cfg.data.mixture != "synthetic":
+            tasks.check_sources(cfg.data)  # a glob that matches nothing fails before any model is built
         if workdir and cfg.train.compile_cache:
             enable_compile_cache(workdir / directory.COMPILE_CACHE)
         mesh = self._mesh()
@@ -120,7 +155,8 @@ class TrainingRun:
         self.monitor = SpikeMonitor(cfg.train.rollback_after, cfg.train.spike_factor)
         self.start_row = start_row
         self.eval_seconds = 0.0  # time spent evaluating, kept out of the training tokens/s
-        self.stop_signal = None
+        self.no_eval = False  # the held-out split turned out empty
+        self.first_step_s = 0.0
 
     def _mesh(self):
         cfg = self.cfg
@@ -138,7 +174,7 @@ class TrainingRun:
         alone), and no other run holds its lock. This run's config is written once its
         state is restored or created (a refused restore leaves the workdir as it was)."""
         if workdir is None:
-            log("glm_jax.train: no workdir set, so no checkpoints are kept")
+            log("glm_jax.train: no workdir set, so nothing this run learns is kept (add workdir=runs/NAME to keep it)")
             return
         prepare_workdir(workdir, self.cfg)  # every process checks, so all refuse together
         if distributed.is_main_process():
@@ -168,52 +204,70 @@ class TrainingRun:
         rows = restored.data_rows if restored.data_rows is not None else restored.step * self.cfg.train.batch_size
         return restored.state, restored.step, int(rows)
 
-    def evaluate(self) -> float:
-        """Mean Part B loss over ``train.eval_batches`` held-out batches."""
+    def evaluate(self) -> Optional[float]:
+        """Mean Part B loss over ``train.eval_batches`` held-out batches; None (with one
+        warning, the first time) when the held-out split has no examples."""
+        if self.no_eval:
+            return None
         t0 = time.perf_counter()
         cfg = self.cfg
         loss_sum = weight = 0.0
         stream = BatchStream(cfg, "validation", process_index=self.shard_index, process_count=self.shard_count)
-        for _ in range(cfg.train.eval_batches):
-            batch = distributed.global_batch(stream.next(cfg.train.batch_size), self.trainer.mesh)
-            ls, w = self.trainer.eval_step(self.state.params, batch)
-            loss_sum, weight = loss_sum + float(ls), weight + float(w)
-        stream.close()
-        self.eval_seconds += time.perf_counter() - t0
+        try:
+            for _ in range(cfg.train.eval_batches):
+                batch = distributed.global_batch(stream.next(cfg.train.batch_size), self.trainer.mesh)
+                ls, w = self.trainer.eval_step(self.state.params, batch)
+                loss_sum, weight = loss_sum + float(ls), weight + float(w)
+        except EmptySplit as e:
+            self.no_eval = True
+            log(f"warning: {e}; the held-out loss is not computed in this run (give the corpus more documents)")
+            return None
+        finally:
+            stream.close()
+            self.eval_seconds += time.perf_counter() - t0
         return loss_sum / max(weight, 1.0)
 
-    def log_eval(self, step: int, value: float) -> None:
+    def log_eval(self, step: int, value: Optional[float]) -> None:
+        if value is None:
+            return
         log(f"step {step}: eval loss {value:.4f}")
         self.writer.scalars(step, {"eval/loss": value})
 
     def stopping(self) -> bool:
         # Every process must stop at the same step, or the others hang in a collective.
-        mine = self.stop_signal is not None
+        mine = SIGTERM.received
         return distributed.any_process(mine) if self.info.process_count > 1 else mine
 
     def log_progress(self, step: int, metrics, batch_size: int, tokens_seen: int, t_start: float) -> float:
         cfg = self.cfg
         loss = float(metrics["loss"])
         elapsed = time.perf_counter() - t_start - self.eval_seconds
-        tps = tokens_seen / elapsed if elapsed > 0 and tokens_seen else float("nan")
-        eta = (cfg.train.steps - step) * batch_size * cfg.train.seq_len / tps if math.isfinite(tps) else float("nan")
+        timed = elapsed > 0 and tokens_seen > 0  # the first step includes compilation: no rate yet
         skipped = int(self.state.skipped)
+        skipped_input = tasks.skipped_input()
+        dropped = sum(v for k, v in skipped_input.items() if k not in REPAIRED_INPUT)
         scalars = {
             "train/loss": loss,
             "train/learning_rate": float(self.trainer.learning_rate(step - 1)),
             "train/grad_norm": float(metrics["grad_norm"]),
-            "train/tokens_per_s": tps,
-            "train/mfu": tps * self.token_flops / self.peak,
             "train/batch_size": batch_size,
             "train/skipped_steps": skipped,
+            **{f"data/{k}": v for k, v in skipped_input.items()},
         }
+        if timed:
+            tps = tokens_seen / elapsed
+            scalars.update({"train/tokens_per_s": tps, "train/mfu": tps * self.token_flops / self.peak})
+            eta = (cfg.train.steps - step) * batch_size * cfg.train.seq_len / tps
+            speed = f"tokens/s {tps:,.0f}  mfu {100 * scalars['train/mfu']:.1f}%  eta {eta:,.0f}s"
+        else:
+            speed = f"first step {self.first_step_s:.1f}s (with compilation)"
         self.writer.scalars(step, scalars)
         log(
             f"step {step}/{cfg.train.steps}  loss {loss:.4f}  lr {scalars['train/learning_rate']:.2e}  "
-            f"grad_norm {scalars['train/grad_norm']:.3f}  tokens/s {tps:,.0f}  "
-            f"mfu {100 * scalars['train/mfu']:.1f}%  eta {eta:,.0f}s"
+            f"grad_norm {scalars['train/grad_norm']:.3f}  {speed}"
             + (f"  batch {batch_size}" if cfg.train.batch_size_start else "")
             + (f"  skipped {skipped}" if skipped else "")
+            + (f"  input skipped {dropped}" if dropped else "")
         )
         return loss
 
@@ -237,11 +291,6 @@ class TrainingRun:
     def run(self) -> dict:
         cfg, trainer = self.cfg, self.trainer
 
-        def on_sigterm(signum, frame):
-            self.stop_signal = signum
-            log("glm_jax.train: SIGTERM received; finishing this step and saving")
-
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
         data = BatchStream(cfg, "train", start_row=self.start_row, process_index=self.shard_index,
                            process_count=self.shard_count)
         tokens_seen, t_start, t_end, loss, eval_loss, first_eval = 0, None, None, float("nan"), None, None
@@ -252,11 +301,13 @@ class TrainingRun:
                 self.log_eval(0, first_eval)
             while step < cfg.train.steps and not self.stopping():
                 batch_size = batch_size_at(cfg.train, data.rows)
+                t_step = time.perf_counter()
                 self.state, metrics = trainer.train_step(self.state, distributed.global_batch(data.next(batch_size), trainer.mesh))
                 step += 1
                 if t_start is None:
                     loss = float(metrics["loss"])  # the first step includes compilation: time from here
                     t_start, self.eval_seconds = time.perf_counter(), 0.0
+                    self.first_step_s = t_start - t_step
                 else:
                     tokens_seen += batch_size * cfg.train.seq_len
                 if cfg.train.rollback_after and self.monitor.observe(float(metrics["loss"]), bool(metrics["skipped"])):
@@ -283,7 +334,6 @@ class TrainingRun:
             data.close()
             self.writer.close()
             self.close()
-            signal.signal(signal.SIGTERM, previous)
 
         elapsed = t_end - t_start if t_start else 0.0
         rate = tokens_seen / elapsed if elapsed > 0 and tokens_seen else None
@@ -295,6 +345,7 @@ class TrainingRun:
             "tokens_per_s": rate,
             "mfu": rate * self.token_flops / self.peak if rate else None,
             "skipped_steps": int(self.state.skipped) + skips_rolled_back,
+            "skipped_input": tasks.skipped_input(),
             "rollbacks": rollbacks,
             "resumed_from": self.start or None,
             "preempted": preempted,

@@ -9,18 +9,16 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from glm_jax.data import tf_runtime
+
 
 class ScalarWriter:
     def __init__(self, directory: Optional[str]):
         self.directory = directory
         self._writer = None
         if directory:
-            import tensorflow as tf  # seconds to import: only when TensorBoard output is on
-
-            try:
-                tf.config.set_visible_devices([], "GPU")
-            except RuntimeError:
-                pass
+            # TensorFlow takes seconds to import: only when TensorBoard output is on.
+            tf_runtime.tensorflow()
             from flax.metrics.tensorboard import SummaryWriter
 
             os.makedirs(directory, exist_ok=True)

@@ -82,7 +82,7 @@ def test_text_and_jsonl_sources_skip_and_count_bad_documents(tmp_path):
     text.write_bytes(b"first document here.\n\n   \nsecond \xff\xfe bytes doc.\n" + b"third document, quite long. " * 20 + b"\n")
     jsonl = tmp_path / "b.jsonl"
     jsonl.write_text('{"text": "a json document."}\nnot json\n{"other": 1}\n{"text": ""}\n')
-    tasks.STATS.clear()
+    tasks.reset_stats()
     docs = list(tasks.read_lines([str(text)], fmt="text", fields=("text",), split="train", split_by_hash=False))
     assert [d[0][:5] for d in docs] == ["first", "secon", "third"]
     assert tasks.STATS["empty_documents"] == 2 and tasks.STATS["invalid_utf8_documents"] == 1

@@ -74,10 +74,14 @@ def test_chat_streams_answers_with_history(workdir, capsys, monkeypatch):
     (["--prompt", "the quick brown fox " * 20], "error: a prompt of .* tokens is longer than the model's maximum of 48"),
     (["--prompt", "x", "--vocab", "/nonexistent.model"], "error: --vocab /nonexistent.model: no such file"),
     (["--prompt", "x", "--temperature", "0"], "error: temperature must be > 0"),
+    (["--prompt", "x", "--vocab", "config.yaml"], "error: config.yaml is not a SentencePiece model \\(.*\\)"),
+    (["--prompt", "x", "--model-parallel", "3"],
+     "error: --model-parallel 3 does not divide the model's 4 attention heads and 48 MLP units; valid values: 1, 2, 4"),
 ])
-def test_bad_input_is_one_line_and_exit_2(workdir, capsys, args, message):
+def test_bad_input_is_one_line_and_exit_2(workdir, capsys, monkeypatch, args, message):
     import re
 
+    monkeypatch.chdir(workdir)  # relative paths name the workdir's files
     with pytest.raises(SystemExit) as e:
         run_main(generate.main, ["--checkpoint", workdir, *args])
     assert e.value.code == 2
