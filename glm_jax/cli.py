@@ -7,7 +7,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from glm_jax.config import Config, ConfigError, load_config, shipped_configs  # noqa: F401  (ConfigError re-exported)
-from glm_jax.errors import UserError
+from glm_jax.errors import UserError, one_line
 
 DEFAULT_CONFIG = "glm-tiny"
 
@@ -33,4 +33,7 @@ def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequ
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # a bug of ours, not bad input: say so in one line, then the traceback
+        print(f"error: glm_jax failed unexpectedly ({one_line(e)}); the traceback follows", file=sys.stderr, flush=True)
+        raise
     sys.exit(code or 0)

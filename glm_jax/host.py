@@ -15,7 +15,7 @@ from typing import MutableMapping
 
 GOOGLE_PCI_VENDOR = "0x1ae0"  # Cloud TPU chips on the PCI bus
 DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")  # NVIDIA, WSL2, AMD ROCm
-TPU_ENV = ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "TPU_WORKER_HOSTNAMES", "COLAB_TPU_ADDR", "TPU_SKIP_MDS_QUERY")
+TPU_ENV = ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "TPU_WORKER_HOSTNAMES", "COLAB_TPU_ADDR")  # set by the TPU VM image
 
 
 def has_accelerator(environ: MutableMapping[str, str] = os.environ) -> bool:

@@ -14,7 +14,7 @@ import sys
 from typing import Optional, Sequence
 
 from glm_jax.convert import memory
-from glm_jax.errors import UserError
+from glm_jax.errors import UserError, one_line
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -145,6 +145,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written to the destination", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug of ours, not bad input: say so in one line, then the traceback
+        print(f"error: the conversion failed unexpectedly ({one_line(e)}); nothing was written to the destination; "
+              "the traceback follows", file=sys.stderr, flush=True)
+        raise
     if not args.quiet:
         print(f"wrote {args.dst} ({out['bytes'] / 1e6:.1f} MB in {out['seconds']:.1f} s)", file=sys.stderr)
     return 0

@@ -142,6 +142,8 @@ class TrainingRun:
         self.trainer = Trainer.build(cfg, mesh)
         self.shard_index, self.shard_count = distributed.data_shard(mesh)
         self.ckpt = self.trainer.checkpointer(str(workdir)) if workdir else None
+        if workdir is None:
+            log("glm_jax.train: no workdir set, so nothing this run learns is kept (add workdir=runs/NAME to keep it)")
         self.state, self.start, start_row = self._restore_or_init()
         if workdir and distributed.is_main_process():
             (workdir / directory.CONFIG).write_text(dump_config(self.cfg))
@@ -174,7 +176,6 @@ class TrainingRun:
         alone), and no other run holds its lock. This run's config is written once its
         state is restored or created (a refused restore leaves the workdir as it was)."""
         if workdir is None:
-            log("glm_jax.train: no workdir set, so nothing this run learns is kept (add workdir=runs/NAME to keep it)")
             return
         prepare_workdir(workdir, self.cfg)  # every process checks, so all refuse together
         if distributed.is_main_process():

@@ -147,3 +147,38 @@ def test_readers_fall_back_past_a_damaged_newest_checkpoint(trained, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "cannot be read" in err
     assert not os.path.exists(tmp_path / "e")
+
+
+def test_a_checkpoint_torn_by_a_crash_is_never_restored(trained, tmp_path, capsys):
+    """A save killed midway leaves orbax's temporary directory; the resumed run ignores it
+    and ends with the parameters the same resume gives without it."""
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    w = copy(trained, tmp_path)
+    torn = w / directory.CHECKPOINTS / "4.orbax-checkpoint-tmp-1234567"
+    shutil.copytree(w / directory.CHECKPOINTS / "3", torn)
+    for f in _newest_data_files(w, 3)[-2:]:  # half-written arrays in the torn copy
+        rel = os.path.relpath(f, w / directory.CHECKPOINTS / "3")
+        with open(torn / rel, "r+b") as fh:
+            fh.truncate(10)
+    code, out, err = run(capsys, f"workdir={w}", "train.steps=4")
+    assert code == 0 and "warning" not in err and json.loads(out.splitlines()[-1])["resumed_from"] == 3
+    clean = tmp_path / "clean"
+    shutil.copytree(trained, clean)
+    code, out, err = run(capsys, f"workdir={clean}", "train.steps=4")
+    assert code == 0
+
+    def params(workdir):
+        state = os.path.join(directory.step_dir(str(workdir), 4), directory.STATE)
+        return ocp.StandardCheckpointer().restore(state)["params"]
+
+    a, b = params(w), params(clean)
+    for x, y in zip(jax_leaves(a), jax_leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
