@@ -33,6 +33,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "model"),
     ("positions", None),
     ("layers", None),
+    # Pipeline stages (parallel/pipeline.py): the stage axis of the shifting buffer and of
+    # the stage-major parameters.
+    ("stages", "pipe"),
 )
 
 
