@@ -15,6 +15,11 @@ class CheckpointError(UserError):
     """A checkpoint directory that is missing, incomplete or disagrees with its config."""
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """Checkpoint files that cannot be read (torn, truncated, missing): a reader of a
+    training workdir may fall back to an older checkpoint."""
+
+
 def one_line(e: BaseException, limit: int = 240) -> str:
     """An exception as one line for a message: its innermost cause (which usually names
     the file), type and first sentence, cut at a word, without tensorstore's spec dumps."""

@@ -128,8 +128,9 @@ def time_case(name: str, length: int, batch: int, heads: int, head_dim: int, dty
                 continue
             row[f"{impl_name}_{part}_ms"] = round(best * 1e3, 3)
             row[f"{impl_name}_{part}_ms_median"] = round(median * 1e3, 3)
-            row[f"{impl_name}_{part}_tflops"] = round(flops / best / 1e12, 4)
-            row[f"{impl_name}_{part}_dense_tflops"] = round(dense_flops * flops / fwd_flops / best / 1e12, 4)
+            # Four significant figures, not decimals: interpret-mode rates on a loaded CPU are ~1e-5.
+            row[f"{impl_name}_{part}_tflops"] = float(f"{flops / best / 1e12:.4g}")
+            row[f"{impl_name}_{part}_dense_tflops"] = float(f"{dense_flops * flops / fwd_flops / best / 1e12:.4g}")
     for part in ("fwd", "fwd_bwd"):
         if f"kernel_{part}_ms" in row and f"xla_{part}_ms" in row:
             row[f"speedup_{part}"] = round(row[f"xla_{part}_ms"] / row[f"kernel_{part}_ms"], 3)

@@ -23,7 +23,7 @@ import numpy as np
 from glm_jax.checkpoint import authors_layout, directory, store
 from glm_jax.checkpoint.directory import Source
 from glm_jax.config import Config, ConfigError, ModelConfig, TrainConfig, dump_config, load_config
-from glm_jax.errors import CheckpointError, one_line
+from glm_jax.errors import CheckpointError, UnreadableCheckpoint, one_line
 
 Path = tuple[str, ...]
 
@@ -88,7 +88,11 @@ def open_params(source: Source, cfg: Optional[ModelConfig] = None) -> StoredPara
             raise CheckpointError(
                 f"{source.describe()}: parameter {'/'.join(path)} is missing from {where} ({directory.CONFIG} implies it)"
             )
-        have = tuple(reader.open(got[path]).shape)
+        try:
+            have = tuple(reader.open(got[path]).shape)
+        except Exception as e:  # tensorstore reports a torn or missing file as ValueError
+            raise UnreadableCheckpoint(f"{source.describe()}: parameter {'/'.join(path)} cannot be read "
+                                       f"({one_line(e)})") from None
         if have != shape:
             raise CheckpointError(
                 f"{source.describe()}: parameter {'/'.join(path)} has shape {list(have)}, but {directory.CONFIG} "
@@ -171,8 +175,8 @@ def export(src: str, dst: str, *, step: Optional[int] = None, overwrite: bool = 
                 try:
                     value = np.asarray(arr[region].read().result())
                 except Exception as e:  # a torn or missing file: name it, in one line
-                    raise CheckpointError(f"{source.describe()}: parameter {'/'.join(path)} cannot be read "
-                                          f"({one_line(e)})") from None
+                    raise UnreadableCheckpoint(f"{source.describe()}: parameter {'/'.join(path)} cannot be read "
+                                               f"({one_line(e)})") from None
                 writer.write(out, region, value)
                 done += value.nbytes
                 if progress:

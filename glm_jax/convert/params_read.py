@@ -17,7 +17,7 @@ from glm_jax.checkpoint import authors_layout, directory, params
 from glm_jax.config import ModelConfig
 from glm_jax.convert import blocks as blk
 from glm_jax.convert.tensors import to_numpy, to_torch, torch_dtype
-from glm_jax.errors import CheckpointError, one_line
+from glm_jax.errors import UnreadableCheckpoint, one_line
 
 READ_AHEAD = 4
 
@@ -50,8 +50,8 @@ def ours_blocks(e: authors_layout.Entry, arr, cfg: ModelConfig, where: str = "")
         try:
             return to_torch(np.asarray(future.result()))
         except Exception as err:  # tensorstore reports a torn or missing file as ValueError
-            raise CheckpointError(f"{where or 'checkpoint'}: parameter {'/'.join(e.path)} cannot be read "
-                                  f"({one_line(err)})") from None
+            raise UnreadableCheckpoint(f"{where or 'checkpoint'}: parameter {'/'.join(e.path)} cannot be read "
+                                       f"({one_line(err)})") from None
 
     for b in blk.blocks(t, units):
         pending.append((b, arr[prefix + b.region].read()))

@@ -33,7 +33,7 @@ import numpy as np
 # methods that use it.
 from glm_jax.checkpoint import authors_layout, directory, params, quantized
 from glm_jax.config import ConfigError, ModelConfig
-from glm_jax.errors import CheckpointError, UserError, one_line
+from glm_jax.errors import UnreadableCheckpoint, UserError, one_line
 
 Bits = Union[int, str, None]
 
@@ -181,12 +181,15 @@ def load(checkpoint_dir: str, *, dtype: Optional[str] = None, quantize: Bits = N
         try:
             cfg, tree = _read(source, dtype, parse_bits(quantize), qz)
             break
-        except UserError:
-            raise
-        except Exception as e:  # unreadable: a torn or damaged checkpoint
-            if i + 1 == len(sources):
-                raise CheckpointError(f"{source.describe()} cannot be read ({one_line(e)})") from None
-            warn(f"{source.describe()} cannot be read ({one_line(e)}); loading step {sources[i + 1].step} instead")
+        except UserError as e:
+            if not isinstance(e, UnreadableCheckpoint):
+                raise  # the checkpoint disagrees with its config: an older one will not do better
+            problem = e
+        except Exception as e:  # tensorstore's errors for a torn or damaged file
+            problem = e
+        if i + 1 == len(sources):
+            raise UnreadableCheckpoint(f"{source.describe()} cannot be read ({one_line(problem)})") from None
+        warn(f"{source.describe()} cannot be read ({one_line(problem)}); loading step {sources[i + 1].step} instead")
     return _placed(cfg, tree, mesh)
 
 

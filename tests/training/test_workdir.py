@@ -133,9 +133,16 @@ def test_damaged_newest_checkpoint_is_set_aside_with_one_warning(trained, tmp_pa
     assert directory.workdir_steps(str(w)) == [3, 4]  # retention counted only readable checkpoints
 
 
+def _truncate_all(w, step):
+    """Every data file of the step, so the parameters cannot be read whichever file holds them."""
+    for path in _newest_data_files(w, step):
+        with open(path, "r+b") as f:
+            f.truncate(10)
+
+
 def test_readers_fall_back_past_a_damaged_newest_checkpoint(trained, tmp_path, capsys):
     w = copy(trained, tmp_path)
-    _truncate(w, 3)
+    _truncate_all(w, 3)
     seen = []
     model = load(str(w), warn=seen.append)
     assert len(seen) == 1 and "(step 3) cannot be read" in seen[0] and "loading step 2 instead" in seen[0]
