@@ -113,10 +113,6 @@ def workdir_steps(workdir: str) -> list[int]:
     )
 
 
-def is_workdir(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, CHECKPOINTS)) and not os.path.isdir(os.path.join(path, PARAMS))
-
-
 def resolve(path: str, step: Optional[int] = None) -> Source:
     """Where the config and parameters of ``path`` are: a params directory, or a training
     workdir at ``step`` (default: its newest committed checkpoint)."""

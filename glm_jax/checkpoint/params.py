@@ -35,18 +35,19 @@ def read_config(source: Source) -> Config:
         raise CheckpointError(f"{source.config_path}: {e}") from None
 
 
-def read_model_config(source: Source) -> ModelConfig:
-    return read_config(source).model
-
-
 @dataclasses.dataclass
 class StoredParams:
-    """The parameter leaves of a source, checked against its model config, opened lazily."""
+    """The parameter leaves of a source, checked against its model config, opened lazily.
+    run_config: the source's whole config.yaml (``config`` is its model section)."""
 
     source: Source
-    config: ModelConfig
+    run_config: Config
     reader: store.CheckpointReader
     shapes: dict[Path, tuple[int, ...]]
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.run_config.model
 
     def array(self, path: Path):
         """The tensorstore array of one leaf (path within the parameter tree)."""
@@ -71,10 +72,10 @@ class StoredParams:
         return out
 
 
-def open_params(source: Source, cfg: Optional[ModelConfig] = None) -> StoredParams:
-    """The parameters of ``source``, every leaf checked against ``cfg`` (default: the
-    source's own config.yaml)."""
-    cfg = cfg or read_model_config(source)
+def open_params(source: Source) -> StoredParams:
+    """The parameters of ``source``, every leaf checked against its config.yaml."""
+    run_config = read_config(source)
+    cfg = run_config.model
     try:
         reader = store.CheckpointReader(source.params_dir)
     except FileNotFoundError as e:
@@ -103,7 +104,7 @@ def open_params(source: Source, cfg: Optional[ModelConfig] = None) -> StoredPara
         raise CheckpointError(
             f"{source.describe()}: parameter {'/'.join(extra[0])} is not part of the model {directory.CONFIG} describes"
         )
-    return StoredParams(source, cfg, reader, want)
+    return StoredParams(source, run_config, reader, want)
 
 
 def stored_bits(source: Source) -> int:
@@ -160,7 +161,6 @@ def export(src: str, dst: str, *, step: Optional[int] = None, overwrite: bool = 
     """
     source = directory.resolve(src, step)
     stored = open_params(source)
-    config = read_config(source)
     total = sum(math.prod(s) * np.dtype(stored.array(p).dtype.numpy_dtype).itemsize for p, s in stored.shapes.items())
     t0, done = time.perf_counter(), 0
     with directory.staged_output(dst, overwrite=overwrite) as tmp:
@@ -182,5 +182,5 @@ def export(src: str, dst: str, *, step: Optional[int] = None, overwrite: bool = 
                 if progress:
                     progress(done, total)
         writer.finish()
-        write_config(tmp, stored.config, config)
+        write_config(tmp, stored.config, stored.run_config)
     return {"bytes": total, "seconds": time.perf_counter() - t0, "step": source.step, "leaves": len(stored.shapes)}

@@ -115,11 +115,11 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_rows: int, *, force: bool = False, wait: bool = False) -> bool:
         """Save at ``step`` if it is a checkpoint step (or ``force``), asynchronously unless
         ``wait``; ``data_rows``: global rows of data consumed so far."""
-        meta = {"step": step, "data_rows": data_rows}
         if not force and (self.every <= 0 or step % self.every):
             return False
         if step in self.manager.all_steps():
             return False
+        meta = {"step": step, "data_rows": data_rows}
         self.manager.save(
             step,
             args=ocp.args.Composite(**{layout.STATE: ocp.args.StandardSave(state), layout.META: ocp.args.JsonSave(meta)}),

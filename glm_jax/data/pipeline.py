@@ -22,8 +22,9 @@ from glm_jax.data.synthetic import copy_rows
 from glm_jax.data.vocab import load_vocabulary
 from glm_jax.model.batch import Batch
 
-# TensorFlow and seqio are imported inside the functions that use them: they take seconds to
-# import, and config checks, the synthetic mixture and the jax-only tools never need them.
+# TensorFlow and seqio are imported inside the functions that use them (tf_runtime.tensorflow()):
+# they take seconds to import, and config checks, the synthetic mixture and the jax-only
+# tools never need them.
 
 
 class _DropSeqioCacheAdvice(logging.Filter):
@@ -37,8 +38,6 @@ class _DropSeqioCacheAdvice(logging.Filter):
 logging.getLogger("absl").addFilter(_DropSeqioCacheAdvice())
 
 
-def _tf():
-    return tf_runtime.tensorflow()
 
 
 def host_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -51,7 +50,7 @@ def examples(cfg: Config, split: str = "train", *, process_index: int = 0, proce
     """The seqio mixture's examples (unbatched, variable length) as a tf.data.Dataset."""
     import seqio
 
-    _tf()
+    tf_runtime.tensorflow()
     vocab = load_vocabulary(cfg.model, cfg.data.vocab, cfg.data.vocab_id_offset)
     name = tasks.register(cfg, vocab)
     provider = seqio.get_mixture_or_task(name)
@@ -120,7 +119,7 @@ class BatchStream:
         self.process_index, self.process_count = process_index, process_count
         self._it = self._local_rows = None
         if cfg.data.mixture != "synthetic":
-            tf = _tf()
+            tf = tf_runtime.tensorflow()
             ds = examples(cfg, split, process_index=process_index, process_count=process_count)
             self._it = iter(ds.ragged_batch(EXAMPLE_BLOCK).prefetch(tf.data.AUTOTUNE))
             converter = GLMFeatureConverter(cfg.train.seq_len, cfg.data.pack, cfg.model.pad_token_id)

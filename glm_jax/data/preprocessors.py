@@ -26,10 +26,9 @@ FEATURES = ("tokens", "targets", "loss_weights", "positions", "block_positions")
 BLOCK = 256  # documents per block
 
 
-# TensorFlow and seqio are imported inside the functions that use them: they take seconds to
-# import, and config checks, the synthetic mixture and the jax-only tools never need them.
-def _tf():
-    return tf_runtime.tensorflow()
+# TensorFlow and seqio are imported inside the functions that use them (tf_runtime.tensorflow()):
+# they take seconds to import, and config checks, the synthetic mixture and the jax-only
+# tools never need them.
 
 
 def as_blocks(keys: tuple[str, ...]):
@@ -47,7 +46,7 @@ def tokenize(encode_tf: Callable, keys: tuple[str, ...] = ("text",), out: tuple[
     """Each key's block of strings -> a ragged block of token ids."""
 
     def fn(ds):
-        tf = _tf()
+        tf = tf_runtime.tensorflow()
         return ds.map(lambda ex: {o: encode_tf(ex[k]) for k, o in zip(keys, out)}, num_parallel_calls=tf.data.AUTOTUNE)
 
     return fn
@@ -58,7 +57,7 @@ def chunk(max_len: int, key: str = "ids"):
     empty documents disappear."""
 
     def fn(ds):
-        tf = _tf()
+        tf = tf_runtime.tensorflow()
 
         def split(ex):
             docs = ex[key]
@@ -85,7 +84,7 @@ def example_options():
     while it runs dry). The order of the examples does not depend on it
     (``deterministic`` stays on).
     """
-    options = _tf().data.Options()
+    options = tf_runtime.tensorflow().data.Options()
     options.autotune.enabled = False
     return options
 
@@ -104,7 +103,7 @@ def _per_block(make_block: Callable, inputs: tuple[str, ...], with_seed: bool):
         return make_block(values, splits)
 
     def fn(ds):
-        tf = _tf()
+        tf = tf_runtime.tensorflow()
 
         def call(block):
             rts = [block[k] for k in inputs]
@@ -144,7 +143,7 @@ def blank_infilling(objective: str, ids: inf.SpecialIds, *, one_d: bool, mask_ra
 
     @seqio.map_over_dataset(num_seeds=1)
     def attach_seed(block, seed):
-        return {"ids": block["ids"], "seed": _tf().ensure_shape(seed, [2])}
+        return {"ids": block["ids"], "seed": tf_runtime.tensorflow().ensure_shape(seed, [2])}
 
     per_block = _per_block(make, ("ids",), with_seed=True)
     return lambda ds: per_block(attach_seed(ds))

@@ -171,8 +171,12 @@ def pipeline(
         first_in = jnp.where(r[0] == 0, xs[m[0]], waiting[m[0]])
         state = state.at[0].set(first_in)
         state = jnp.where(valid.reshape((S,) + (1,) * (state.ndim - 1)), state, 0)  # bubbles compute on zeros
-        group = jax.tree.map(lambda p: jax.vmap(lambda pr, rr: pr[rr])(jnp.moveaxis(p, 1, 0), r), params)
-        ids = jax.vmap(lambda lr, rr: lr[rr])(jnp.moveaxis(layer_ids, 1, 0), r)
+        if R == 1:  # GPipe: each stage always holds the same group; no per-iteration gather of weights
+            group = jax.tree.map(lambda p: p[0], params)
+            ids = layer_ids[0]
+        else:
+            group = jax.tree.map(lambda p: jax.vmap(lambda pr, rr: pr[rr])(jnp.moveaxis(p, 1, 0), r), params)
+            ids = jax.vmap(lambda lr, rr: lr[rr])(jnp.moveaxis(layer_ids, 1, 0), r)
         extra = None if extras is None else jax.tree.map(lambda e: e[m], extras)
         y = jax.vmap(run_group)(group, state, extra, ids)
         y = _constrain_stages(y, 0)

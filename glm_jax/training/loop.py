@@ -32,7 +32,7 @@ from glm_jax.training.trainer import Trainer
 
 
 # Reader counts that are repairs (the input was used), not input left out.
-REPAIRED_INPUT = frozenset({"cut_documents", "invalid_utf8_documents", "documents"})
+REPAIRED_INPUT = frozenset({"cut_documents", "invalid_utf8_documents"})
 
 
 class SigtermFlag:
