@@ -192,7 +192,6 @@ class MeshConfig:
             _require(v == -1 or v > 0, f"mesh.{key} must be a positive size or -1 (fill), got {v}")
             fills += v == -1
         _require(fills <= 1, "mesh: at most one of mesh.data, mesh.model, mesh.pipe may be -1")
-        _require(self.pipe in (1, -1), f"mesh.pipe={self.pipe}: pipeline parallelism is not available yet; use 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +214,11 @@ class TrainConfig:
     eval_batches: int = 4
     microbatches: int = 1  # gradient accumulation: each step sums the gradients of this many slices
     loss_vocab_chunks: int = 1  # >1: cross-entropy one vocabulary slice at a time (no full fp32 logits)
+    # Pipeline parallelism (mesh.pipe > 1): microbatches each step's batch is cut into as it
+    # flows through the stages (0: 4, 2 or 1 times mesh.pipe, the first that fits the
+    # batch), and layer groups per stage (> 1: the circular schedule, a smaller bubble).
+    pipeline_microbatches: int = 0
+    pipeline_repeats: int = 1
     # Batch-size ramp-up (GLM-130B: 192 -> 4224 over the first 2.5% of samples): the batch
     # starts at batch_size_start and grows by batch_size_increment in equal sample intervals
     # until batch_size is reached after rampup_samples sequences. 0 = no ramp-up.
@@ -235,10 +239,10 @@ class TrainConfig:
     allow_config_change: bool = False
 
     def validate(self) -> None:
-        for key in ("checkpoint_every", "eval_every", "rollback_after"):
+        for key in ("checkpoint_every", "eval_every", "rollback_after", "pipeline_microbatches"):
             _require(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
         for key in ("steps", "batch_size", "seq_len", "log_every", "keep_checkpoints", "eval_batches", "microbatches",
-                    "loss_vocab_chunks"):
+                    "loss_vocab_chunks", "pipeline_repeats"):
             _require(getattr(self, key) > 0, f"train.{key} must be > 0, got {getattr(self, key)}")
         _require(
             self.batch_size % self.microbatches == 0,

@@ -33,7 +33,7 @@ def report(cfg: Config, devices: Optional[int] = None) -> dict:
     sizes = mesh_sizes(cfg, devices)
     boxed = abstract_params(cfg.model, boxed=True)
     shapes = rules.unbox(boxed)
-    specs = rules.logical_specs(boxed)
+    specs = rules.fit_to_shapes(rules.logical_specs(boxed), shapes, sizes)
     leaves = jax.tree.leaves(shapes)
     spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     n_params = sum(math.prod(x.shape) for x in leaves)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 
 import jax
 import jax.numpy as jnp
@@ -83,3 +84,16 @@ def randomize(params, seed: int = 1, scale: float = 1.0):
 def glm_row(cfg: ModelConfig, text, mask_token: int, target=()) -> list[int]:
     """``text [MASK] <sop> target`` as a token list."""
     return list(text) + [mask_token, cfg.sop_token_id] + list(target)
+
+
+def tensorboard_scalars(directory) -> dict[str, dict[int, float]]:
+    """``{tag: {step: value}}`` of the scalars a run wrote to ``directory``."""
+    import tensorflow as tf
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in glob.glob(f"{directory}/events.out.tfevents.*"):
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for v in event.summary.value:
+                scalars.setdefault(v.tag, {})[event.step] = float(tf.make_ndarray(v.tensor))
+    return scalars

@@ -68,6 +68,23 @@ def test_bad_input_is_one_line_not_a_traceback(args, message):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["mesh.pipe=3"], "error: mesh: 8 devices cannot be split with mesh.data=-1 mesh.pipe=3 mesh.model=1"),
+        (["mesh.pipe=2", "train.pipeline_microbatches=3"],
+         "error: train.pipeline_microbatches=3 does not divide the batch of 8 rows per step; valid values: 1, 2, 4, 8"),
+        (["mesh.pipe=2", "train.pipeline_repeats=2"],
+         "error: train.pipeline_repeats=2 does not fit: mesh.pipe=2 stages x 2 repeats need at least 4 layers, "
+         "model.num_layers is 2; valid values: 1"),
+    ],
+    ids=["pipe-does-not-divide-the-devices", "microbatches-do-not-divide-the-batch", "repeats-do-not-fit-the-layers"],
+)
+def test_bad_pipeline_input_is_one_line(overrides, message):
+    r = run("glm_jax.train", "data.mixture=synthetic", *overrides, devices=8)
+    assert r.returncode == 2 and r.stderr.strip() == message, r.stderr
+
+
 def test_info_honours_param_sharding():
     """ZeRO-1 splits the AdamW moments over data, FSDP the parameters too."""
     from glm_jax.config import load_config

@@ -8,6 +8,7 @@ and ``glm_jax.model.positions.prepare_inputs`` to build these from token ids.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -18,6 +19,7 @@ from glm_jax.config import ModelConfig
 from glm_jax.kernels import attention_mask
 from glm_jax.model import init, linear
 from glm_jax.model.block import Block, layer_norm
+from glm_jax.parallel.pipeline import Pipelining, pipeline
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -48,6 +50,9 @@ class _ScanBody(nn.Module):
 class GLM(nn.Module):
     cfg: ModelConfig
     deterministic: bool = True  # False enables dropout (needs a "dropout" rng)
+    # Run the scanned layers as a pipeline over stages (training and evaluation; prefill
+    # and decoding with a KV cache use the plain layer loop). The parameters are the same.
+    pipelining: Pipelining = Pipelining()
 
     def setup(self):
         cfg = self.cfg
@@ -120,7 +125,9 @@ class GLM(nn.Module):
         positions = jnp.asarray(positions, jnp.int32)
         a_end = None if prefix_len is None else attention_mask.part_a_end(prefix_len, segment_ids, length)
         x = self.embed(tokens, positions)
-        if cfg.scan_layers:
+        if self.pipelining.active and cache is None and not self.is_initializing():
+            x = self._pipelined_layers(x, positions, a_end, segment_ids)
+        elif cfg.scan_layers:
             layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
             (x, cache), _ = self.layers((x, cache), layer_ids, positions, a_end, segment_ids)
         else:
@@ -130,6 +137,61 @@ class GLM(nn.Module):
         x = self.final_layernorm(x)
         out = x if return_hidden else self.head(x)
         return out if cache is None else (out, cache)
+
+    def _pipelined_layers(self, x, positions, a_end, segment_ids):
+        """The layers as a pipeline (``glm_jax.parallel.pipeline``): the batch is cut into
+        microbatches of every M-th row (so each stays split over the batch's devices), each
+        carrying its own positions, Part A ends and segment ids through the stages."""
+        cfg, plan = self.cfg, self.pipelining
+        if not cfg.scan_layers:
+            raise ValueError("pipelined layers need model.scan_layers=true (stacked layer parameters)")
+        n = plan.microbatches
+        if x.shape[0] % n:
+            raise ValueError(f"a batch of {x.shape[0]} rows cannot be cut into {n} pipeline microbatches")
+
+        def split(a):
+            return None if a is None else a.reshape(a.shape[0] // n, n, *a.shape[1:]).swapaxes(0, 1)
+
+        extras = {"positions": split(positions), "part_a_end": split(a_end), "segment_ids": split(segment_ids)}
+        if not self.deterministic and (cfg.attention_dropout > 0 or cfg.hidden_dropout > 0):
+            extras["dropout"] = jax.random.split(self.make_rng("dropout"), n)  # one key per microbatch
+        block = Block(cfg, deterministic=self.deterministic, parent=None)
+
+        def layer_fn(p, x, extra, i):
+            rngs = {"dropout": jax.random.fold_in(extra["dropout"], i)} if "dropout" in extra else None
+            out, _ = block.apply({"params": p}, x, i, extra["positions"], extra["part_a_end"], extra["segment_ids"], rngs=rngs)
+            return out
+
+        if cfg.remat_policy != "none":
+            layer_fn = jax.checkpoint(layer_fn, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+        ys = pipeline(
+            layer_fn,
+            self.variables["params"]["layers"]["block"],
+            split(x),
+            extras,
+            stages=plan.stages,
+            repeats=plan.repeats,
+            x_names=("batch", "length", "act_embed"),
+            param_names=layer_param_names(cfg),
+        )
+        return ys.swapaxes(0, 1).reshape(x.shape)
+
+
+INIT_LENGTH = 8  # parameters do not depend on the sequence length; any short one will do
+
+
+def example_inputs(cfg: ModelConfig, batch: int = 1, length: int = INIT_LENGTH) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Zero ``(tokens, positions, prefix_len)`` of the shapes the model takes."""
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    positions = jnp.zeros((batch, 2, length) if cfg.two_d_positions else (batch, length), jnp.int32)
+    return tokens, positions, jnp.zeros((batch,), jnp.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def layer_param_names(cfg: ModelConfig) -> Any:
+    """Logical axis names (PartitionSpecs) of one scanned layer's ``[layers, ...]`` parameters."""
+    boxed = jax.eval_shape(lambda r: GLM(cfg, parent=None).init(r, *example_inputs(cfg)), jax.random.key(0))
+    return nn.get_partition_spec(boxed["params"]["layers"]["block"])
 
 
 @jax.custom_vjp

@@ -17,17 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from glm_jax.config import ModelConfig
-from glm_jax.model.glm import GLM
-
-INIT_LENGTH = 8  # parameters do not depend on the sequence length; any short one will do
-
-
-def example_inputs(cfg: ModelConfig, batch: int = 1, length: int = INIT_LENGTH) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Zero ``(tokens, positions, prefix_len)`` of the shapes the model takes."""
-    tokens = jnp.zeros((batch, length), jnp.int32)
-    positions = jnp.zeros((batch, 2, length) if cfg.two_d_positions else (batch, length), jnp.int32)
-    return tokens, positions, jnp.zeros((batch,), jnp.int32)
-
+from glm_jax.model.glm import GLM, example_inputs
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Any:
     """Freshly initialised parameters, boxed with their logical axis names

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from glm_jax.config import ConfigError
+from glm_jax.parallel import rules
 
 LayerFn = Callable[[Any, jax.Array, Any, jax.Array], jax.Array]
 
@@ -106,16 +107,62 @@ class Schedule:
         return [i for i in self.slots()[r * self.stages + s] if i >= 0]
 
 
+@dataclasses.dataclass(frozen=True)
+class Pipelining:
+    """How a model runs its layers pipelined: on ``stages`` stages (the ``pipe`` mesh
+    axis), each holding ``repeats`` layer groups, with each batch cut into
+    ``microbatches`` microbatches. ``stages == 1`` means no pipeline."""
+
+    stages: int = 1
+    repeats: int = 1
+    microbatches: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.stages > 1
+
+    def schedule(self, layers: int) -> Schedule:
+        return Schedule(layers, self.stages, self.repeats, self.microbatches)
+
+
 def _stage_major(x: jax.Array, sched: Schedule) -> jax.Array:
     """``[groups, per_group, ...]`` -> ``[repeats, stages, per_group, ...]``."""
     return x.reshape((sched.repeats, sched.stages, sched.per_group) + x.shape[2:])
 
 
-def _constrain_stages(x: jax.Array, axis: int) -> jax.Array:
-    """Put the stage axis on the mesh axis the rules table gives ``stages`` (``pipe``)."""
-    names = [None] * x.ndim
-    names[axis] = "stages"
-    return nn.with_logical_constraint(x, tuple(names))
+def _constrain(x: jax.Array, names: Optional[tuple]) -> jax.Array:
+    """A logical sharding constraint, skipped where the caller gave no names."""
+    return x if names is None else nn.with_logical_constraint(x, tuple(names))
+
+
+def stage_axis_name() -> Optional[tuple[str, ...]]:
+    """The mesh axes the rules table puts ``stages`` on, in the current mesh (None outside
+    one): the SPMD axis of the vmap over stages, so that sharding constraints inside a
+    layer keep each stage's work on its own devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    axes = rules.mesh_axes("stages", mesh.axis_names)
+    return axes or None
+
+
+def stage_params(layer_params: Any, sched: Schedule, param_names: Any = None) -> Any:
+    """``[layers, ...]`` -> ``[repeats, stages, per_group, ...]`` in schedule order, with
+    padding slots holding a copy of layer 0 (never applied). Done once per step: with
+    FSDP the weights are gathered here, not in every iteration. ``param_names``: the
+    logical names of each ``[layers, ...]`` leaf (first name the layer axis)."""
+    even = sched.repeats == 1 and sched.padded_layers == sched.layers
+
+    def one(p, names):
+        if even:  # GPipe with whole groups: stage s holds layers [s·k, (s+1)·k), a reshape
+            staged = p.reshape((1, sched.stages, sched.per_group) + p.shape[1:])
+        else:
+            staged = _stage_major(p[jnp.maximum(jnp.asarray(sched.slots(), jnp.int32), 0)], sched)
+        return _constrain(staged, None if names is None else (None, "stages", None) + tuple(names[1:]))
+
+    if param_names is None:
+        return jax.tree.map(lambda p: one(p, None), layer_params)
+    return jax.tree.map(one, layer_params, param_names, is_leaf=lambda x: isinstance(x, jax.Array))
 
 
 def pipeline(
@@ -127,6 +174,8 @@ def pipeline(
     stages: int,
     repeats: int = 1,
     bubble_fill: Optional[float] = None,
+    x_names: Optional[tuple] = None,
+    param_names: Any = None,
 ) -> jax.Array:
     """Apply every layer to every microbatch, pipelined; equal to the plain loop
     ``for m: x = xs[m]; for l: x = layer_fn(params[l], x, extras[m], l)``.
@@ -137,14 +186,20 @@ def pipeline(
       inputs (positions, Part A lengths, segment ids...) that travel with their microbatch.
     bubble_fill: what the buffer starts as (default zeros; tests fill it with NaN to show
       that bubbles do not leak).
+    x_names: logical axis names of one microbatch (e.g. ``("batch", "length",
+      "act_embed")``), param_names: a pytree of the layer parameters' logical names; with
+      them the buffers and stage-major weights keep their data / model sharding.
     """
     n_layers = jax.tree.leaves(layer_params)[0].shape[0]
     M = xs.shape[0]
     sched = Schedule(n_layers, stages, repeats, M)
-    S, R, k = sched.stages, sched.repeats, sched.per_group
-    slots = jnp.asarray(sched.slots(), jnp.int32)  # [R·S, k]: layer index, -1 = padding
-    params = jax.tree.map(lambda p: _constrain_stages(_stage_major(p[jnp.maximum(slots, 0)], sched), 1), layer_params)
-    layer_ids = _stage_major(slots, sched)  # [R, S, k]
+    S, R = sched.stages, sched.repeats
+    params = stage_params(layer_params, sched, param_names)
+    layer_ids = _stage_major(jnp.asarray(sched.slots(), jnp.int32), sched)  # [R, S, k]; -1 = padding
+    stage_names = None if x_names is None else ("stages",) + tuple(x_names)
+    queue_names = None if x_names is None else (None,) + tuple(x_names)
+    if x_names is None:
+        stage_names = ("stages",) + (None,) * (xs.ndim - 1)
 
     def run_group(group_params, x, extra, ids):
         def one(x, p_and_id):
@@ -157,9 +212,10 @@ def pipeline(
 
     stage_index = jnp.arange(S, dtype=jnp.int32)
     fill = jnp.zeros_like(xs[0]) if bubble_fill is None else jnp.full_like(xs[0], bubble_fill)
-    state = _constrain_stages(jnp.broadcast_to(fill, (S,) + xs.shape[1:]), 0)
-    waiting = jnp.zeros_like(xs)  # last-stage outputs waiting for their next repeat
-    outputs = jnp.zeros_like(xs)
+    state = _constrain(jnp.broadcast_to(fill, (S,) + xs.shape[1:]), stage_names)
+    waiting = _constrain(jnp.zeros_like(xs), queue_names)  # last-stage outputs waiting for their next repeat
+    outputs = _constrain(jnp.zeros_like(xs), queue_names)
+    vmapped = jax.vmap(run_group, spmd_axis_name=stage_axis_name())
 
     def iteration(carry, t):
         state, waiting, outputs = carry
@@ -178,16 +234,15 @@ def pipeline(
             group = jax.tree.map(lambda p: jax.vmap(lambda pr, rr: pr[rr])(jnp.moveaxis(p, 1, 0), r), params)
             ids = jax.vmap(lambda lr, rr: lr[rr])(jnp.moveaxis(layer_ids, 1, 0), r)
         extra = None if extras is None else jax.tree.map(lambda e: e[m], extras)
-        y = jax.vmap(run_group)(group, state, extra, ids)
-        y = _constrain_stages(y, 0)
+        y = _constrain(vmapped(group, _constrain(state, stage_names), extra, ids), stage_names)
         # The last stage's item is done with this repeat.
         last_ok = valid[S - 1]
         m_last, r_last = m[S - 1], r[S - 1]
         waiting = waiting.at[m_last].set(jnp.where(last_ok, y[S - 1], waiting[m_last]))
         done = last_ok & (r_last == R - 1)
         outputs = outputs.at[m_last].set(jnp.where(done, y[S - 1], outputs[m_last]))
-        state = _constrain_stages(jnp.roll(y, 1, axis=0), 0)  # stage s's output feeds stage s+1
-        return (state, waiting, outputs), None
+        state = _constrain(jnp.roll(y, 1, axis=0), stage_names)  # stage s's output feeds stage s+1
+        return (state, _constrain(waiting, queue_names), _constrain(outputs, queue_names)), None
 
     (_, _, outputs), _ = jax.lax.scan(iteration, (state, waiting, outputs), jnp.arange(sched.iterations))
     return outputs

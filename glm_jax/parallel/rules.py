@@ -7,9 +7,11 @@ on. Mesh axes of size 1 cost nothing, so the table is the same for every mesh sh
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "pipe", "model")
@@ -32,11 +34,19 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("glu", None),
     ("mlp", "model"),
     ("positions", None),
-    ("layers", None),
+    # The stacked layer axis: split over the pipeline stages, so each stage keeps its own
+    # layers' weights and AdamW state (where the stages divide the layer count; see
+    # REPLICATED_WHEN_INDIVISIBLE).
+    ("layers", "pipe"),
     # Pipeline stages (parallel/pipeline.py): the stage axis of the shifting buffer and of
     # the stage-major parameters.
     ("stages", "pipe"),
 )
+
+# Logical axes that stay replicated where their mesh axes do not divide them, instead of
+# failing: a layer count the pipeline stages do not divide (GLM-130B: 70 layers on 8).
+# The pipeline then takes each stage's layers from the replicated stack.
+REPLICATED_WHEN_INDIVISIBLE = ("layers",)
 
 
 # mesh.param_sharding=zero1 / fsdp: these parameter axes are also split over ``data``
@@ -54,6 +64,23 @@ def logical_axis_rules(shard_params_over_data: bool = False) -> tuple[tuple[str,
 def logical_to_sharding(logical_spec_tree: Any, mesh: Mesh, shard_params_over_data: bool = False) -> Any:
     """Map a tree of logical PartitionSpecs to NamedShardings on ``mesh``."""
     return nn.logical_to_mesh_sharding(logical_spec_tree, mesh, logical_axis_rules(shard_params_over_data))
+
+
+def fit_to_shapes(logical_spec_tree: Any, shapes: Any, axis_sizes: dict[str, int]) -> Any:
+    """Drop the axes of :data:`REPLICATED_WHEN_INDIVISIBLE` from the specs of arrays whose
+    dimension the mesh does not divide. ``shapes``: the same tree with ``.shape`` leaves;
+    ``axis_sizes``: mesh axis sizes (``mesh.shape``)."""
+
+    def fit(spec, leaf):
+        names = list(spec)
+        for i, name in enumerate(names):
+            if name in REPLICATED_WHEN_INDIVISIBLE:
+                ways = math.prod(axis_sizes[a] for a in mesh_axes(name, tuple(axis_sizes)))
+                if leaf.shape[i] % ways:
+                    names[i] = None
+        return PartitionSpec(*names)
+
+    return jax.tree.map(fit, logical_spec_tree, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def logical_to_mesh_spec(logical_spec: PartitionSpec, shard_params_over_data: bool = False) -> PartitionSpec:
@@ -107,7 +134,9 @@ __all__ = [
     "DATA_SHARDED_PARAM_AXES",
     "LOGICAL_AXIS_RULES",
     "MESH_AXES",
+    "REPLICATED_WHEN_INDIVISIBLE",
     "batch_sharding",
+    "fit_to_shapes",
     "logical_axis_rules",
     "logical_specs",
     "logical_to_mesh_spec",

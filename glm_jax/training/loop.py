@@ -24,6 +24,7 @@ from glm_jax.data import tasks
 from glm_jax.data.pipeline import BatchStream, EmptySplit
 from glm_jax.parallel import distributed
 from glm_jax.parallel.mesh import make_mesh
+from glm_jax.training import pipeline_plan
 from glm_jax.training.batch_rampup import batch_size_at, batch_sizes
 from glm_jax.training.metrics import flops_per_token, peak_flops
 from glm_jax.training.stability import SpikeMonitor
@@ -164,10 +165,15 @@ class TrainingRun:
         cfg = self.cfg
         mesh = distributed.multislice_mesh(cfg.mesh) if distributed.slice_count() > 1 else make_mesh(cfg.mesh)
         check_batch_sizes(cfg, dict(mesh.shape)["data"])
+        plan = pipeline_plan.plan(cfg, dict(mesh.shape))  # refuses a pipeline that does not fit, before any work
         if self.info.process_count > 1 or self.info.note:
             log(f"glm_jax.train: {self.info.describe()}")
         log(f"glm_jax.train: model {cfg.model.name}, mesh {dict(mesh.shape)} ({cfg.mesh.param_sharding}) on "
             f"{jax.device_count()} {jax.default_backend()} device(s)")
+        if plan.active:
+            sched = plan.schedule(cfg.model.num_layers)
+            log(f"glm_jax.train: pipeline of {plan.stages} stages x {plan.repeats} layer group(s), "
+                f"{sched.per_group} layer slot(s) each, {plan.microbatches} microbatches; bubble {sched.bubble:.1%}")
         return mesh
 
     def _claim_workdir(self, workdir) -> None:

@@ -56,7 +56,7 @@ def state_shardings(cfg: Config, model: GLM, optimizer, mesh: Mesh) -> TrainStat
 def _both_shardings(cfg: Config, model: GLM, optimizer, mesh: Mesh) -> tuple[TrainState, TrainState]:
     """The state's shardings by the plain rules and with parameter axes split over data."""
     abstract = jax.eval_shape(lambda r: _init_boxed(cfg, model, optimizer, r), jax.random.key(0))
-    specs = rules.logical_specs(abstract)
+    specs = rules.fit_to_shapes(rules.logical_specs(abstract), rules.unbox(abstract), dict(mesh.shape))
     return rules.logical_to_sharding(specs, mesh), rules.logical_to_sharding(specs, mesh, shard_params_over_data=True)
 
 

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from glm_jax.checkpoint.train_state import Checkpointer, Restored, abstract_with_shardings
 from glm_jax.config import Config
 from glm_jax.model import GLM
+from glm_jax.training import pipeline_plan
 from glm_jax.training import state as train_state
 from glm_jax.training.optimizer import learning_rate_schedule, make_optimizer
 
@@ -51,7 +52,8 @@ class Trainer:
 
     @classmethod
     def build(cls, cfg: Config, mesh: Mesh) -> "Trainer":
-        model = GLM(cfg.model, deterministic=False)
+        pipelining = pipeline_plan.plan(cfg, dict(mesh.shape))
+        model = GLM(cfg.model, deterministic=False, pipelining=pipelining)
         optimizer = make_optimizer(cfg.train)
         shardings = train_state.state_shardings(cfg, model, optimizer, mesh)
         return cls(
@@ -61,8 +63,13 @@ class Trainer:
             optimizer=optimizer,
             shardings=shardings,
             train_step=train_state.make_train_step(cfg, model, optimizer, mesh, shardings),
-            eval_step=train_state.make_eval_step(GLM(cfg.model), mesh, shardings, cfg.train.loss_vocab_chunks),
+            eval_step=train_state.make_eval_step(GLM(cfg.model, pipelining=pipelining), mesh, shardings, cfg.train.loss_vocab_chunks),
         )
+
+    @property
+    def pipelining(self):
+        """How the step pipelines its layers (``stages == 1``: it does not)."""
+        return self.model.pipelining
 
     @property
     def learning_rate(self) -> optax.Schedule:

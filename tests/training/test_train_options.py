@@ -1,7 +1,6 @@
 """``python -m glm_jax.train`` options, run in-process on the synthetic task: spike
 recovery by rollback, batch-size ramp-up, TensorBoard scalars, batch-size checks."""
 
-import glob
 import json
 
 import numpy as np
@@ -11,6 +10,7 @@ from glm_jax import train
 from glm_jax.config import ConfigError, TrainConfig
 from glm_jax.training.batch_rampup import batch_size_at, batch_sizes
 from glm_jax.training.stability import SpikeMonitor
+from helpers import tensorboard_scalars
 
 TINY = ("data.mixture=synthetic", "train.seq_len=32", "train.log_every=1", "train.eval_batches=1", "train.warmup_steps=0")
 
@@ -19,18 +19,6 @@ def run(capsys, *overrides):
     assert train.main(list(TINY + overrides)) == 0
     out, err = capsys.readouterr()
     return json.loads(out.strip().splitlines()[-1]), err
-
-
-def tensorboard_scalars(directory) -> dict[str, dict[int, float]]:
-    import tensorflow as tf
-
-    scalars: dict[str, dict[int, float]] = {}
-    for path in glob.glob(f"{directory}/events.out.tfevents.*"):
-        for record in tf.data.TFRecordDataset(path):
-            event = tf.compat.v1.Event.FromString(record.numpy())
-            for v in event.summary.value:
-                scalars.setdefault(v.tag, {})[event.step] = float(tf.make_ndarray(v.tensor))
-    return scalars
 
 
 def test_bad_steps_roll_back_to_the_last_checkpoint_and_skip_their_data(tmp_path, capsys, monkeypatch):

@@ -1,0 +1,115 @@
+"""The pipelined train step (mesh.pipe > 1) computes the plain step's loss and gradients:
+every stage count, beside data and model parallelism, GPipe and circular, 1x/2x/4x
+microbatches, uneven layer counts, ZeRO-1 and FSDP; and a whole step (optimizer
+included) lands on the same parameters."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from glm_jax.config import Config, ConfigError, MeshConfig, TrainConfig
+from glm_jax.data.synthetic import copy_batch
+from glm_jax.parallel import rules
+from glm_jax.parallel.mesh import make_mesh
+from glm_jax.training import pipeline_plan
+from glm_jax.training.state import loss_and_grads
+from glm_jax.training.trainer import Trainer
+from helpers import variant
+
+BATCH, LENGTH = 8, 16
+
+
+def _config(layers, data=8, pipe=1, model=1, mode="replicated", batch=BATCH, **train) -> Config:
+    return Config(
+        model=variant("glm-130b", hidden_size=64, num_heads=8, mlp_dim=96, num_layers=layers),
+        mesh=MeshConfig(data=data, pipe=pipe, model=model, param_sharding=mode),
+        train=TrainConfig(batch_size=batch, seq_len=LENGTH, warmup_steps=0, **train),
+    )
+
+
+def _trainer(cfg: Config) -> Trainer:
+    devices = jax.devices()[: cfg.mesh.data * cfg.mesh.pipe * cfg.mesh.model]
+    return Trainer.build(cfg, make_mesh(cfg.mesh, devices))
+
+
+def _loss_and_grads(cfg: Config):
+    trainer = _trainer(cfg)
+    params = trainer.init_state(seed=0).params  # the same values on every mesh
+    batch = copy_batch(cfg.model, cfg.train.batch_size, LENGTH, 0, 0)
+    with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(rules.logical_axis_rules()):
+        step = jax.jit(lambda p, b: loss_and_grads(trainer.model, p, b, microbatches=cfg.train.microbatches))
+        loss, _, grads = step(params, batch)
+    return trainer.pipelining, float(loss), jax.device_get(grads)
+
+
+_REFERENCES = {}
+
+
+def _reference(layers, batch):
+    if (layers, batch) not in _REFERENCES:
+        _REFERENCES[layers, batch] = _loss_and_grads(_config(layers, batch=batch))
+    return _REFERENCES[layers, batch]
+
+
+def _assert_close(got, want):
+    assert got[1] == pytest.approx(want[1], rel=1e-5)
+    for path, g in jax.tree_util.tree_flatten_with_path(got[2])[0]:
+        w = want[2]
+        for k in path:
+            w = w[k.key]
+        scale = float(np.abs(w).max())
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+# (layers, mesh data x pipe x model, param sharding, repeats, microbatches per stage, batch, accumulation)
+CASES = {
+    "pipe2-model2-data2-gpipe-1x": (4, (2, 2, 2), "replicated", 1, 1, BATCH, 1),
+    "pipe4-data2-circular-2x-zero1": (8, (2, 4, 1), "zero1", 2, 2, BATCH, 1),
+    "pipe8-gpipe-1x": (8, (1, 8, 1), "replicated", 1, 1, BATCH, 1),
+    "pipe2-data2-model2-4x-fsdp": (4, (2, 2, 2), "fsdp", 1, 4, BATCH, 1),
+    "6-layers-on-pipe4-data2-2x-accumulate2": (6, (2, 4, 1), "replicated", 1, 2, 2 * BATCH, 2),
+    "6-layers-on-pipe2-circular-fsdp": (6, (2, 2, 2), "fsdp", 2, 2, BATCH, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pipelined_loss_and_gradients_equal_the_plain_step(case):
+    layers, (data, pipe, model), mode, repeats, per_stage, batch, accumulation = CASES[case]
+    cfg = _config(layers, data, pipe, model, mode, batch, pipeline_repeats=repeats,
+                  pipeline_microbatches=per_stage * pipe, microbatches=accumulation)
+    got = _loss_and_grads(cfg)
+    assert got[0].stages == pipe and got[0].repeats == repeats and got[0].microbatches == per_stage * pipe
+    _assert_close(got, _reference(layers, batch))
+
+
+def test_a_whole_pipelined_step_lands_on_the_plain_steps_parameters():
+    def one_step(cfg):
+        trainer = _trainer(cfg)
+        state, metrics = trainer.train_step(trainer.init_state(seed=0), copy_batch(cfg.model, BATCH, LENGTH, 0, 0))
+        return float(metrics["loss"]), jax.device_get(state.params), trainer
+
+    plain_loss, plain, _ = one_step(_config(4))
+    piped_loss, piped, trainer = one_step(_config(4, data=2, pipe=4, mode="zero1"))
+    assert piped_loss == pytest.approx(plain_loss, rel=1e-5)
+    for a, b in zip(jax.tree.leaves(piped), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Each stage keeps only its own layers' weights: the layer axis is split over pipe.
+    stacked = trainer.shardings.params["layers"]["block"]["mlp"]["wi_kernel"]
+    assert stacked.spec[0] == "pipe"
+
+
+def test_the_plan_defaults_and_refusals():
+    sizes = {"data": 2, "pipe": 4, "model": 1}
+    assert pipeline_plan.plan(_config(8, batch=32), sizes).microbatches == 16  # 4 x stages, rows still split over data
+    assert pipeline_plan.plan(_config(8, batch=16), sizes).microbatches == 8  # 16 rows: 2 x stages keeps 2 per microbatch
+    assert not pipeline_plan.plan(_config(8), {"data": 8, "pipe": 1, "model": 1}).active
+    assert pipeline_plan.plan(_config(70, batch=16), {"data": 1, "pipe": 8, "model": 1}).schedule(70).per_group == 9
+    with pytest.raises(ConfigError, match=r"train.pipeline_microbatches=3 does not divide the batch of 8 rows per step; valid values: 1, 2, 4, 8"):
+        pipeline_plan.plan(_config(8, pipeline_microbatches=3), sizes)
+    with pytest.raises(ConfigError, match=r"train.pipeline_repeats=3 does not fit: mesh.pipe=4 stages x 3 repeats need at least 12 layers"):
+        pipeline_plan.plan(_config(8, pipeline_repeats=3), sizes)
+    with pytest.raises(ConfigError, match=r"no multiple of mesh.pipe=4 \(16, 8, 4\) divides the batch of 6 rows"):
+        pipeline_plan.plan(_config(8, batch=6), sizes)
+    with pytest.raises(ConfigError, match=r"needs train.pipeline_microbatches >= mesh.pipe \(4\), got 2"):
+        pipeline_plan.plan(_config(8, pipeline_repeats=2, pipeline_microbatches=2), sizes)
