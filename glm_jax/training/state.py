@@ -208,8 +208,7 @@ def _jit_per_batch_keys(step, mesh: Mesh, leading_shardings: tuple, out_sharding
 
     jitted = {}
 
-    def run(*args):
-        *leading, batch = args
+    def for_batch(batch):
         key = (jax.tree.structure(batch), tuple(x.ndim for x in jax.tree.leaves(batch)))
         if key not in jitted:
             jitted[key] = jax.jit(
@@ -218,7 +217,17 @@ def _jit_per_batch_keys(step, mesh: Mesh, leading_shardings: tuple, out_sharding
                 out_shardings=out_shardings,
                 donate_argnums=donate,
             )
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules.logical_axis_rules()):
-            return jitted[key](*leading, batch)
+        return jitted[key]
 
+    def run(*args):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules.logical_axis_rules()):
+            return for_batch(args[-1])(*args)
+
+    def lower(*args):
+        """The step lowered for these arguments (arrays or ``jax.ShapeDtypeStruct``s),
+        without running or compiling it: ``.as_text()``, or ``.compile()`` ahead of time."""
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules.logical_axis_rules()):
+            return for_batch(args[-1]).lower(*args)
+
+    run.lower = lower
     return run

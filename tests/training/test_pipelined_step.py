@@ -3,6 +3,10 @@ every stage count, beside data and model parallelism, GPipe and circular, 1x/2x/
 microbatches, uneven layer counts, ZeRO-1 and FSDP; and a whole step (optimizer
 included) lands on the same parameters."""
 
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -18,6 +22,7 @@ from glm_jax.training.trainer import Trainer
 from helpers import variant
 
 BATCH, LENGTH = 8, 16
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _config(layers, data=8, pipe=1, model=1, mode="replicated", batch=BATCH, **train) -> Config:
@@ -113,3 +118,29 @@ def test_the_plan_defaults_and_refusals():
         pipeline_plan.plan(_config(8, batch=6), sizes)
     with pytest.raises(ConfigError, match=r"needs train.pipeline_microbatches >= mesh.pipe \(4\), got 2"):
         pipeline_plan.plan(_config(8, pipeline_repeats=2, pipeline_microbatches=2), sizes)
+
+
+LOWER_GLM130B = """
+import jax, jax.numpy as jnp
+from glm_jax.config import load_config
+from glm_jax.model import Batch
+from glm_jax.parallel.mesh import make_mesh
+from glm_jax.training.trainer import Trainer
+cfg = load_config("glm-130b", ["mesh.model=4", "mesh.pipe=8", "mesh.data=1", "train.batch_size=16", "train.seq_len=2048"])
+trainer = Trainer.build(cfg, make_mesh(cfg.mesh))
+b, L = 16, 2048
+i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+batch = Batch(tokens=i32(b, L), positions=i32(b, L), prefix_len=i32(b), targets=i32(b, L),
+              loss_weights=jax.ShapeDtypeStruct((b, L), jnp.float32))
+text = trainer.train_step.lower(trainer.abstract_state(), batch).as_text()
+p = trainer.pipelining
+print(p.stages, p.repeats, p.microbatches, p.schedule(cfg.model.num_layers).per_group, len(text) > 0)
+"""
+
+
+def test_the_glm130b_step_lowers_on_model4_pipe8():
+    """The full-size step (70 layers on 8 stages, 9 slots each) lowers for 32 devices."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=32")
+    r = subprocess.run([sys.executable, "-c", LOWER_GLM130B], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["8", "1", "16", "9", "True"]
