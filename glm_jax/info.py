@@ -21,6 +21,7 @@ from glm_jax import cli
 from glm_jax.config import Config
 from glm_jax.model import abstract_params
 from glm_jax.parallel import rules
+from glm_jax.training import pipeline_plan
 
 
 def mesh_sizes(cfg: Config, devices: Optional[int]) -> dict[str, int]:
@@ -63,6 +64,39 @@ def report(cfg: Config, devices: Optional[int] = None) -> dict:
             "total": int(params_bytes + adam_bytes),
         },
         "largest_tensor_bytes": int(largest),
+        **_pipeline_report(cfg, sizes, shapes, specs),
+    }
+
+
+def _pipeline_report(cfg: Config, sizes: dict[str, int], shapes, specs) -> dict:
+    """With ``mesh.pipe`` > 1: the schedule, each stage's layers, the parameter and AdamW
+    bytes of those layers (the stage's share of the model, before data/model splitting)
+    and the bubble fraction."""
+    plan = pipeline_plan.plan(cfg, sizes)
+    if not plan.active:
+        return {}
+    sched = plan.schedule(cfg.model.num_layers)
+    layers = shapes["layers"]
+    per_layer = sum(math.prod(x.shape[1:]) for x in jax.tree.leaves(layers)) * np.dtype(cfg.model.param_dtype).itemsize
+    counts = [sum(len(sched.group_layers(r, s)) for r in range(sched.repeats)) for s in range(sched.stages)]
+    layer_specs = jax.tree.leaves(specs["layers"], is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    # The layer axis split over pipe, or (stages that do not divide the layers) the embed axis.
+    split = sum(math.prod(x.shape) for x, spec in zip(jax.tree.leaves(layers), layer_specs)
+                if spec and (spec[0] == "layers" or rules.EMBED_OVER_STAGES in spec))
+    split_share = split / sum(math.prod(x.shape) for x in jax.tree.leaves(layers))
+    return {
+        "pipeline": {
+            "stages": plan.stages,
+            "repeats": plan.repeats,
+            "microbatches": plan.microbatches,
+            "layer_slots_per_group": sched.per_group,
+            "layers_per_stage": counts,
+            "bubble": round(sched.bubble, 4),
+            "per_stage_layer_bytes": [{"params": n * per_layer, "adamw_state": 2 * n * per_layer} for n in counts],
+            # Share of the layer weights each device keeps 1/pipe of (the rest, where neither
+            # the layer count nor the embed axis divides over the stages, is on every stage).
+            "layer_weights_split_over_pipe": round(split_share, 4),
+        }
     }
 
 
@@ -88,6 +122,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"mesh         {mesh} ({r['devices']} devices)")
     print(f"per device   params {_gib(b['params'])} + AdamW state {_gib(b['adamw_state'])} = {_gib(b['total'])} ({r['param_dtype']})")
     print(f"largest      {_gib(r['largest_tensor_bytes'])} (one parameter array, unsharded; scanned layers are one stacked array)")
+    if "pipeline" in r:
+        p = r["pipeline"]
+        print(f"pipeline     {p['stages']} stages x {p['repeats']} group(s), {p['microbatches']} microbatches, "
+              f"bubble {100 * p['bubble']:.1f}%; layers per stage {p['layers_per_stage']}")
+        heaviest = max(p["per_stage_layer_bytes"], key=lambda b: b["params"])
+        print(f"per stage    up to params {_gib(heaviest['params'])} + AdamW state {_gib(heaviest['adamw_state'])} "
+              f"of its own layers; {100 * p['layer_weights_split_over_pipe']:.1f}% of the layer weights split over pipe")
     return 0
 
 

@@ -96,3 +96,19 @@ def test_info_honours_param_sharding():
     assert sizes["zero1"]["adamw_state"] < 0.3 * sizes["replicated"]["adamw_state"]
     assert sizes["fsdp"]["params"] < 0.3 * sizes["replicated"]["params"]
     assert sizes["fsdp"]["adamw_state"] == sizes["zero1"]["adamw_state"]
+
+
+def test_info_reports_the_pipeline_of_glm130b():
+    """70 layers on 8 stages: nine slots per stage, the bubble, and every device keeping
+    1/8 of the layer stack although 8 does not divide 70 (its embed axis is split instead)."""
+    from glm_jax.config import load_config
+    from glm_jax.info import report
+
+    flat = report(load_config("glm-130b", ["mesh.data=24", "mesh.model=4", "train.batch_size=192"]))
+    piped = report(load_config("glm-130b", ["mesh.data=24", "mesh.model=4", "mesh.pipe=8", "train.batch_size=192"]))
+    p = piped["pipeline"]
+    assert p["layers_per_stage"] == [9, 9, 9, 9, 9, 9, 8, 8] and p["microbatches"] == 8
+    assert p["bubble"] == round(7 / 15, 4) and p["layer_weights_split_over_pipe"] > 0.999  # all but the qkv biases
+    ratio = piped["per_device_bytes"]["params"] / flat["per_device_bytes"]["params"]
+    assert 1 / 8 < ratio < 1 / 8 * 1.1  # embeddings and head are not pipelined
+    assert "pipeline" not in flat

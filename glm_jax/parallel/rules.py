@@ -16,6 +16,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "pipe", "model")
 
+# A layer count the pipeline stages do not divide (GLM-130B: 70 layers on 8) cannot split
+# the stacked layer axis over ``pipe``; those arrays split their ``embed`` axis over
+# ``pipe`` instead (``embed_over_stages``, see :func:`fit_to_shapes`), so each device
+# still keeps 1/pipe of the stack, and the pipeline regroups the weights by stage once per
+# step (an all-to-all).
+EMBED_OVER_STAGES = "embed_over_stages"
+
 # (logical name, mesh axis or None). Unlisted names are replicated.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # Activations.
@@ -35,19 +42,14 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "model"),
     ("positions", None),
     # The stacked layer axis: split over the pipeline stages, so each stage keeps its own
-    # layers' weights and AdamW state (where the stages divide the layer count; see
-    # REPLICATED_WHEN_INDIVISIBLE).
+    # layers' weights and AdamW state (where the stages divide the layer count; else see
+    # EMBED_OVER_STAGES).
     ("layers", "pipe"),
     # Pipeline stages (parallel/pipeline.py): the stage axis of the shifting buffer and of
     # the stage-major parameters.
     ("stages", "pipe"),
+    (EMBED_OVER_STAGES, "pipe"),
 )
-
-# Logical axes that stay replicated where their mesh axes do not divide them, instead of
-# failing: a layer count the pipeline stages do not divide (GLM-130B: 70 layers on 8).
-# The pipeline then takes each stage's layers from the replicated stack.
-REPLICATED_WHEN_INDIVISIBLE = ("layers",)
-
 
 # mesh.param_sharding=zero1 / fsdp: these parameter axes are also split over ``data``
 # (AdamW state only for zero1; parameters, gradients and AdamW state for fsdp).
@@ -58,7 +60,9 @@ def logical_axis_rules(shard_params_over_data: bool = False) -> tuple[tuple[str,
     """The table; with ``shard_params_over_data`` the axes above map to ``data`` instead."""
     if not shard_params_over_data:
         return LOGICAL_AXIS_RULES
-    return tuple((name, "data" if name in DATA_SHARDED_PARAM_AXES else axis) for name, axis in LOGICAL_AXIS_RULES)
+    over_data = {name: "data" for name in DATA_SHARDED_PARAM_AXES}
+    over_data[EMBED_OVER_STAGES] = ("data", "pipe")
+    return tuple((name, over_data.get(name, axis)) for name, axis in LOGICAL_AXIS_RULES)
 
 
 def logical_to_sharding(logical_spec_tree: Any, mesh: Mesh, shard_params_over_data: bool = False) -> Any:
@@ -67,17 +71,19 @@ def logical_to_sharding(logical_spec_tree: Any, mesh: Mesh, shard_params_over_da
 
 
 def fit_to_shapes(logical_spec_tree: Any, shapes: Any, axis_sizes: dict[str, int]) -> Any:
-    """Drop the axes of :data:`REPLICATED_WHEN_INDIVISIBLE` from the specs of arrays whose
-    dimension the mesh does not divide. ``shapes``: the same tree with ``.shape`` leaves;
-    ``axis_sizes``: mesh axis sizes (``mesh.shape``)."""
+    """Specs for arrays whose stacked ``layers`` axis the ``pipe`` size does not divide:
+    that axis stays whole and ``embed`` becomes ``embed_over_stages`` (where ``pipe``
+    divides it; else the array is replicated over ``pipe``). ``shapes``: the same tree
+    with ``.shape`` leaves; ``axis_sizes``: mesh axis sizes (``mesh.shape``)."""
+    pipe = math.prod(axis_sizes[a] for a in mesh_axes("layers", tuple(axis_sizes)))
 
     def fit(spec, leaf):
         names = list(spec)
-        for i, name in enumerate(names):
-            if name in REPLICATED_WHEN_INDIVISIBLE:
-                ways = math.prod(axis_sizes[a] for a in mesh_axes(name, tuple(axis_sizes)))
-                if leaf.shape[i] % ways:
-                    names[i] = None
+        if "layers" not in names or leaf.shape[names.index("layers")] % pipe == 0:
+            return spec
+        names[names.index("layers")] = None
+        if "embed" in names and leaf.shape[names.index("embed")] % pipe == 0:
+            names[names.index("embed")] = EMBED_OVER_STAGES
         return PartitionSpec(*names)
 
     return jax.tree.map(fit, logical_spec_tree, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
@@ -134,7 +140,7 @@ __all__ = [
     "DATA_SHARDED_PARAM_AXES",
     "LOGICAL_AXIS_RULES",
     "MESH_AXES",
-    "REPLICATED_WHEN_INDIVISIBLE",
+    "EMBED_OVER_STAGES",
     "batch_sharding",
     "fit_to_shapes",
     "logical_axis_rules",
