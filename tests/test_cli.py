@@ -110,5 +110,5 @@ def test_info_reports_the_pipeline_of_glm130b():
     assert p["layers_per_stage"] == [9, 9, 9, 9, 9, 9, 8, 8] and p["microbatches"] == 8
     assert p["bubble"] == round(7 / 15, 4) and p["layer_weights_split_over_pipe"] > 0.999  # all but the qkv biases
     ratio = piped["per_device_bytes"]["params"] / flat["per_device_bytes"]["params"]
-    assert 1 / 8 < ratio < 1 / 8 * 1.1  # embeddings and head are not pipelined
+    assert 1 / 8 < ratio < 1 / 8 * 1.15  # the word embeddings (1.4% of the parameters) are on every stage
     assert "pipeline" not in flat
