@@ -3,6 +3,7 @@ every stage count, beside data and model parallelism, GPipe and circular, 1x/2x/
 microbatches, uneven layer counts, ZeRO-1 and FSDP; and a whole step (optimizer
 included) lands on the same parameters."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -144,3 +145,38 @@ def test_the_glm130b_step_lowers_on_model4_pipe8():
     r = subprocess.run([sys.executable, "-c", LOWER_GLM130B], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["8", "1", "16", "9", "True"]
+
+
+def test_the_pallas_kernel_runs_inside_the_pipeline():
+    """The fused kernel's shard_map (over batch and heads) traces under the stage vmap."""
+
+    def pallas(cfg):
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_impl="pallas"))
+
+    got = _loss_and_grads(pallas(_config(4, data=2, pipe=2, model=2, pipeline_microbatches=2)))
+    _assert_close(got, _reference(4, BATCH))
+
+
+def test_the_pipelined_step_compiles_for_a_tpu_pod_with_the_mosaic_kernels():
+    """data 2 x pipe 2 x model 2 on a v5e 2x4 slice, FSDP, remat and dropout: libtpu
+    compiles the whole step ahead of time with the fused attention kernels inside the
+    stage vmap, and the stages hand activations on by collective permutes."""
+    import re
+
+    from jax.experimental import topologies
+
+    from glm_jax.model import Batch
+
+    topology = topologies.get_topology_desc("v5e:2x4", "tpu")
+    mesh = topologies.make_mesh(topology, (2, 2, 2), rules.MESH_AXES)
+    cfg = _config(4, data=2, pipe=2, model=2, mode="fsdp", batch=8)
+    model = dataclasses.replace(cfg.model, hidden_size=256, num_heads=2, mlp_dim=512, max_seq_len=512, dtype="bfloat16",
+                                attention_impl="pallas", remat_policy="full", attention_dropout=0.1, hidden_dropout=0.1)
+    cfg = dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, seq_len=512))
+    trainer = Trainer.build(cfg, mesh)
+    tokens = jax.ShapeDtypeStruct((8, 512), np.int32)
+    batch = Batch(tokens=tokens, positions=tokens, prefix_len=jax.ShapeDtypeStruct((8,), np.int32), targets=tokens,
+                  loss_weights=jax.ShapeDtypeStruct((8, 512), np.float32))
+    hlo = trainer.train_step.lower(trainer.abstract_state(), batch).compile().as_text()
+    assert sorted(set(re.findall(r"glm_flash_(?:fwd|dq|dkv)", hlo))) == ["glm_flash_dkv", "glm_flash_dq", "glm_flash_fwd"]
+    assert "collective-permute" in hlo
