@@ -1,6 +1,7 @@
 """Training-step throughput and MFU against this machine's measured matmul peak.
 
     python -m glm_jax.bench train --json [--preset glm-tiny|small-anchor|100m|all] [--steps N]
+    python -m glm_jax.bench train --pipe 4 [--preset glm-tiny] [--steps N] [key=value ...]
 
 Presets:
   glm-tiny      configs/glm-tiny.yaml as the trainer runs it.
@@ -15,6 +16,15 @@ batches; after each step it times 1024^3 and 2048^3 matmuls in float32 and in bf
 steps and peak see the same load on a shared host. ``mfu`` = model FLOP/s of the best step over the
 best matmul rate of either dtype (``mfu_median_step`` uses the median step). Model FLOPs
 follow ``glm_jax.training.metrics`` (6 x matmul params + attention, no remat counted).
+
+``--pipe P`` times the same global batch three ways on all devices: unpipelined
+(``mesh.pipe=1``), pipelined over P stages with M microbatches, and pipelined with twice
+the batch and 2M microbatches (microbatches of the same size). The pipeline runs
+R·M + P - 1 iterations of equal cost, so the two pipelined times give the cost of one
+iteration, and the observed bubble is (P - 1) iterations over the measured step, next
+to the predicted (P - 1) / (R·M + P - 1). Simulated CPU devices share the host's cores,
+so stages never overlap there: the ratio to the unpipelined step is the schedule's
+overhead, not a speed-up; the output says so.
 """
 
 from __future__ import annotations
@@ -158,13 +168,71 @@ def bench(cfg: Config, steps: int) -> dict:
     }
 
 
+def bench_pipeline(cfg: Config, stages: int, steps: int) -> dict:
+    """The pipelined step against the unpipelined one of the same global batch (see the
+    module doc): step times, their ratio, and the bubble predicted and observed."""
+    import jax
+    import numpy as np
+
+    from glm_jax.training import pipeline_plan
+
+    def variant(pipe: int, batch_scale: int = 1, microbatches: int = 0) -> Config:
+        mesh = dataclasses.replace(cfg.mesh, pipe=pipe, data=-1)
+        train = dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size * batch_scale,
+                                    pipeline_microbatches=microbatches)
+        model = dataclasses.replace(cfg.model, scan_layers=True)  # the pipeline runs stacked layers; so does the baseline
+        out = dataclasses.replace(cfg, mesh=mesh, train=train, model=model)
+        out.validate()
+        return out
+
+    piped = variant(stages, 1, cfg.train.pipeline_microbatches)
+    plan = pipeline_plan.plan(piped, piped.mesh.axis_sizes(jax.device_count()))
+    doubled = variant(stages, 2, 2 * plan.microbatches)
+    print(f"bench train --pipe: unpipelined, then {stages} stages x {plan.repeats} with {plan.microbatches} and "
+          f"{2 * plan.microbatches} microbatches ...", file=sys.stderr, flush=True)
+    runs = {name: float(np.median(time_steps(c, steps)["step_s"]))
+            for name, c in (("plain", variant(1)), ("piped", piped), ("doubled", doubled))}
+    sched = plan.schedule(cfg.model.num_layers)
+    per_iteration = (runs["doubled"] - runs["piped"]) / (plan.repeats * plan.microbatches)
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    cpu = jax.default_backend() == "cpu"
+    return {
+        "bench": "train-pipeline",
+        "model": cfg.model.name,
+        "layers": cfg.model.num_layers,
+        "batch_size": cfg.train.batch_size,
+        "seq_len": cfg.train.seq_len,
+        "devices": jax.device_count(),
+        "backend": jax.default_backend(),
+        "stages": plan.stages,
+        "repeats": plan.repeats,
+        "microbatches": plan.microbatches,
+        "steps_timed": steps,
+        "step_s_unpipelined": round(runs["plain"], 4),
+        "step_s_pipelined": round(runs["piped"], 4),
+        "pipelined_over_unpipelined": round(runs["piped"] / runs["plain"], 3),
+        "tokens_per_s_unpipelined": round(tokens / runs["plain"], 1),
+        "tokens_per_s_pipelined": round(tokens / runs["piped"], 1),
+        "iteration_s": round(per_iteration, 5),
+        "bubble_predicted": round(sched.bubble, 4),
+        "bubble_observed": round((plan.stages - 1) * per_iteration / runs["piped"], 4),
+        "note": ("simulated devices share this host's CPU cores, so stages never overlap: the ratio is the "
+                 "pipeline's overhead, not its speed-up" if cpu else "stages overlap on real devices"),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m glm_jax.bench train", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="all", help=f"one of {', '.join(PRESETS)}, or all")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per preset (after one compiling step)")
     parser.add_argument("--json", action="store_true", help="one JSON object per preset on stdout")
+    parser.add_argument("--pipe", type=int, default=0,
+                        help="compare a pipeline of this many stages with the unpipelined step (default preset glm-tiny "
+                             "with 8 layers; train.pipeline_repeats / train.pipeline_microbatches as overrides)")
     parser.add_argument("overrides", nargs="*", help="key=value applied to each preset's config")
     args = parser.parse_args(argv)
+    if args.pipe:
+        return _main_pipeline(args)
     names = PRESETS if args.preset == "all" else (args.preset,)
     configs = [preset_config(n, args.overrides) for n in names]  # every error before any work
     for name, cfg in zip(names, configs):
@@ -177,4 +245,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{k:28s} {v}")
         print(f"{name}: {result['tokens_per_s']:,.0f} tokens/s, MFU {100 * result['mfu']:.1f}% of the measured "
               f"{max(result['peak_tflops_per_s'].values()):.3f} TFLOP/s matmul peak", file=sys.stderr, flush=True)
+    return 0
+
+
+def _main_pipeline(args) -> int:
+    if args.pipe < 2:
+        raise cli.ConfigError(f"--pipe {args.pipe}: a pipeline needs at least 2 stages")
+    name = "glm-tiny" if args.preset == "all" else args.preset
+    layers = [] if any(o.startswith("model.num_layers=") for o in args.overrides) else ["model.num_layers=8"]
+    cfg = preset_config(name, [*layers, *args.overrides])
+    result = dict(preset=name, **bench_pipeline(cfg, args.pipe, args.steps))
+    if args.json:
+        print(json.dumps(result), flush=True)
+    else:
+        for k, v in result.items():
+            print(f"{k:28s} {v}")
+    print(f"{name}: pipelined step {result['pipelined_over_unpipelined']:.2f}x the unpipelined one; bubble "
+          f"{100 * result['bubble_observed']:.1f}% observed, {100 * result['bubble_predicted']:.1f}% predicted "
+          f"({result['note']})", file=sys.stderr, flush=True)
     return 0

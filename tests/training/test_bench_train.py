@@ -41,3 +41,28 @@ def test_bench_train_json():
     assert r["mfu"] == pytest.approx(flops / 1e12 / max(r["peak_tflops_per_s"].values()), rel=0.02)
     assert r["mfu_median_step"] <= r["mfu"]
     assert 0 < r["mfu"] < 1
+
+
+def test_bench_train_pipe_compares_with_the_unpipelined_step():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = subprocess.run(
+        [sys.executable, "-m", "glm_jax.bench", "train", "--pipe", "2", "--json", "--steps", "2", "model.num_layers=4",
+         "train.seq_len=64"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (r["bench"], r["stages"], r["repeats"], r["devices"], r["layers"]) == ("train-pipeline", 2, 1, 8, 4)
+    m = r["microbatches"]
+    assert m == 2  # 8 rows over 4 data shards: only 2 microbatches keep their rows split over data
+    assert r["bubble_predicted"] == round(1 / (m + 1), 4)
+    assert 0 < r["bubble_observed"] < 1 and r["step_s_pipelined"] > 0 and r["step_s_unpipelined"] > 0
+    assert r["tokens_per_s_pipelined"] == pytest.approx(8 * 64 / r["step_s_pipelined"], rel=0.01)
+    assert "overhead, not its speed-up" in r["note"]
+    assert "bubble" in out.stderr
+
+
+def test_bench_train_pipe_refuses_one_stage():
+    out = subprocess.run([sys.executable, "-m", "glm_jax.bench", "train", "--pipe", "1"], cwd=ROOT,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and out.stderr.strip() == "error: --pipe 1: a pipeline needs at least 2 stages"
