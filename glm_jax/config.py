@@ -164,6 +164,10 @@ class MeshConfig:
     # "zero1" (AdamW state split over data: ZeRO stage 1), "fsdp" (parameters, gradients
     # and AdamW state split over data along their embed dimension).
     param_sharding: Literal["replicated", "zero1", "fsdp"] = "replicated"
+    # Multislice TPU: how many slices the pipe axis spans (DCN carries only the small
+    # activations between neighbouring stages); data spans the remaining slice factor.
+    # 1 = only data spans slices. model always stays inside a slice.
+    dcn_pipe: int = 1
 
     def axis_sizes(self, device_count: int) -> dict[str, int]:
         sizes = {"data": self.data, "pipe": self.pipe, "model": self.model}
@@ -192,6 +196,11 @@ class MeshConfig:
             _require(v == -1 or v > 0, f"mesh.{key} must be a positive size or -1 (fill), got {v}")
             fills += v == -1
         _require(fills <= 1, "mesh: at most one of mesh.data, mesh.model, mesh.pipe may be -1")
+        _require(self.dcn_pipe >= 1, f"mesh.dcn_pipe must be >= 1, got {self.dcn_pipe}")
+        _require(
+            self.pipe == -1 or self.pipe % self.dcn_pipe == 0,
+            f"mesh.dcn_pipe={self.dcn_pipe} must divide mesh.pipe ({self.pipe}): each slice holds the same number of stages",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

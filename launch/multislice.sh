@@ -8,8 +8,9 @@
 #
 # The TPU runtime sets the MEGASCALE_* variables (coordinator, slice count, slice id) on
 # every worker; jax.distributed.initialize() reads them, and the slices talk over the
-# data-center network (DCN). Only the mesh's data axis may span slices: keep mesh.model
-# (and mesh.pipe) within one slice, e.g. mesh.data=-1 mesh.model=8; see launch/README.md.
+# data-center network (DCN). The mesh's data axis spans slices, and pipe spans
+# mesh.dcn_pipe of them; keep mesh.model within one slice, e.g. mesh.data=-1 mesh.model=8,
+# or mesh.pipe=4 mesh.dcn_pipe=4 mesh.model=8 on four slices; see launch/README.md.
 #
 # Options:
 #   --name NAME               queued resource name; the slices are NAME-0 ... NAME-(N-1) (required)

@@ -302,27 +302,34 @@ def slice_count(devices: Sequence | None = None) -> int:
 
 
 def multislice_mesh(cfg: MeshConfig, devices: Sequence | None = None, *, process_is_granule: bool = False) -> Mesh:
-    """The mesh across several slices: ``data`` spans the slices, ``pipe`` and ``model`` stay inside one.
+    """The mesh across several slices: ``data`` spans the slices (and ``pipe`` spans
+    ``mesh.dcn_pipe`` of them); ``model`` stays inside one.
 
     ``jax.make_mesh`` refuses devices from more than one slice. Here each slice gets the
-    ``data / slices`` x ``pipe`` x ``model`` mesh ``jax`` would build for it (ICI), and the
-    slices are stacked along ``data`` (DCN carries only the gradient all-reduce).
-    ``process_is_granule`` treats each process as a slice (GPU clusters, CPU tests).
+    mesh ``jax`` would build for its share of the axes (ICI), and the slices are stacked
+    along ``data`` and ``pipe`` (DCN carries the gradient all-reduce, and between stages
+    only the activations of one microbatch). ``process_is_granule`` treats each process as
+    a slice (GPU clusters, CPU tests).
     """
     devices = list(jax.devices() if devices is None else devices)
     key = "process_index" if process_is_granule else "slice_index"
     granules = len({getattr(d, key, 0) for d in devices})
     sizes = cfg.axis_sizes(len(devices))
-    if sizes["data"] % granules:
+    if granules % cfg.dcn_pipe or sizes["pipe"] % cfg.dcn_pipe:
         raise ConfigError(
-            f"mesh: mesh.data={sizes['data']} must be a multiple of the {granules} slices; only the data axis "
-            "may span slices (DCN), so give mesh.model and mesh.pipe sizes that fit inside one slice"
+            f"mesh: mesh.dcn_pipe={cfg.dcn_pipe} must divide both the {granules} slices and mesh.pipe ({sizes['pipe']})"
         )
-
-    ici = [sizes[a] // granules if a == "data" else sizes[a] for a in rules.MESH_AXES]
-    dcn = [granules if a == "data" else 1 for a in rules.MESH_AXES]
+    over_data = granules // cfg.dcn_pipe
+    if sizes["data"] % over_data:
+        raise ConfigError(
+            f"mesh: mesh.data={sizes['data']} must be a multiple of the {over_data} slices it spans; only the data and "
+            "pipe axes may span slices (DCN), so give mesh.model a size that fits inside one slice"
+        )
+    dcn = {"data": over_data, "pipe": cfg.dcn_pipe, "model": 1}
+    ici = [sizes[a] // dcn[a] for a in rules.MESH_AXES]
     grid = mesh_utils.create_hybrid_device_mesh(
-        ici, dcn, devices, process_is_granule=process_is_granule, allow_split_physical_axes=True
+        ici, [dcn[a] for a in rules.MESH_AXES], devices, process_is_granule=process_is_granule,
+        allow_split_physical_axes=True,
     )
     return Mesh(grid, rules.MESH_AXES, axis_types=(AxisType.Auto,) * len(rules.MESH_AXES))
 

@@ -7,6 +7,7 @@ process with 8 devices.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -186,6 +187,15 @@ class _FakeDevice(NamedTuple):
     process_index: int
 
 
+@dataclasses.dataclass(frozen=True)
+class _SliceDevice:  # not a tuple: numpy would unpack it
+    id: int
+    slice_index: int
+    process_index: int
+    device_kind: str = "cpu"
+    platform: str = "cpu"
+
+
 def test_multislice_mesh_single_process():
     mesh = distributed.multislice_mesh(MeshConfig(data=-1, model=2), process_is_granule=True)
     assert dict(mesh.shape) == {"data": 4, "pipe": 1, "model": 2}
@@ -310,3 +320,18 @@ def test_two_processes_train_like_one(tmp_path):
             np.testing.assert_allclose(run["losses"], reference["losses"], rtol=0, atol=1e-5)
             np.testing.assert_allclose(run["grad_norms"], reference["grad_norms"], rtol=1e-4)
     print(f"2-process run {elapsed:.1f}s; losses {results[0]['losses']} vs {reference['losses']}")
+
+
+def test_the_pipe_axis_may_span_slices():
+    """mesh.dcn_pipe=2 on two 4-device slices: stage 0 lives on one slice, stage 1 on the
+    other, and each slice keeps data x model to itself."""
+    fake = [_SliceDevice(i, i // 4, i // 4) for i in range(8)]  # two 4-device "slices"
+    mesh = distributed.multislice_mesh(MeshConfig(data=2, pipe=2, model=2, dcn_pipe=2), fake, process_is_granule=True)
+    assert dict(mesh.shape) == {"data": 2, "pipe": 2, "model": 2}
+    for stage in range(2):
+        assert {d.process_index for d in mesh.devices[:, stage, :].flat} == {stage}
+    flat = distributed.multislice_mesh(MeshConfig(data=2, pipe=2, model=2), fake, process_is_granule=True)
+    for stage in range(2):  # the default: data spans the slices, each slice holds both stages
+        assert {d.process_index for d in flat.devices[:, stage, :].flat} == {0, 1}
+    with pytest.raises(ConfigError, match=r"mesh.dcn_pipe=2 must divide both the 2 slices and mesh.pipe \(1\)"):
+        distributed.multislice_mesh(MeshConfig(data=4, pipe=1, model=2, dcn_pipe=2), fake, process_is_granule=True)
