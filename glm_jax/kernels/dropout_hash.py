@@ -98,6 +98,23 @@ def keep_block(key0, key1, base_hi, base_lo, offsets, threshold: int):
     return lax.shift_right_logical(y0 ^ y1, np.int32(9)) < np.int32(threshold)
 
 
+def keep_rows(rng: jax.Array, rate: float, rows: jax.Array, row_shape: tuple[int, ...]) -> jax.Array:
+    """``jax.random.bernoulli(rng, 1 - rate, (N,) + row_shape)[rows]`` for any N above the
+    largest row, computing only the requested rows: ``[len(rows), *row_shape]`` booleans.
+
+    A row's mask depends on the key and its index alone, so a batch cut into microbatches
+    (every M-th row: rows ``m, m + M, ...``) draws exactly the masks of the whole batch.
+    ``rows * prod(row_shape[:-1])`` must stay below 2**31 (as for the kernel).
+    """
+    words = key_words(rng)
+    lead, last = math.prod(row_shape[:-1]), row_shape[-1]
+    outer = jnp.asarray(rows, jnp.int32)[:, None] * np.int32(lead) + jnp.arange(lead, dtype=jnp.int32)[None, :]
+    base_hi, base_lo = mul_wide(outer, jnp.int32(last))
+    offsets = jnp.arange(last, dtype=jnp.int32)
+    keep = keep_block(words[0], words[1], base_hi[..., None], base_lo[..., None], offsets, keep_threshold(rate))
+    return keep.reshape((outer.shape[0],) + tuple(row_shape))
+
+
 def key_words(rng: Optional[jax.Array]) -> jax.Array:
     """The two int32 words of a threefry key (typed or raw ``uint32[2]``)."""
     if rng is None:

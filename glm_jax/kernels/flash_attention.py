@@ -176,13 +176,18 @@ def _flash_bwd(plan: _Plan, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _local(q, k, v, part_a_end, segment_ids, scale, key, *, lowering, interpret, sizes, dropout_rate, batch_axes, head_axes, shards):
-    """One shard's attention (q already scaled). ``shards`` = (batch shards, head shards)."""
+def _local(q, k, v, part_a_end, segment_ids, scale, key, row_offset, *, lowering, interpret, sizes, dropout_rate, row_stride,
+           batch_axes, head_axes, shards):
+    """One shard's attention (q already scaled). ``shards`` = (batch shards, head shards).
+    Local row b is row ``row_offset + row_stride * (shard offset + b)`` of the batch whose
+    dropout masks are drawn."""
     b, length, heads, _ = q.shape
-    plan = _plan(q.shape, lowering, interpret, sizes, b * shards[0], heads * shards[1], dropout_rate)
+    plan = _plan(q.shape, lowering, interpret, sizes, b * shards[0] * row_stride, heads * shards[1], dropout_rate)
     b_off = jax.lax.axis_index(batch_axes) * b if batch_axes else 0
     h_off = jax.lax.axis_index(head_axes) * heads if head_axes else 0
-    dparams = jnp.stack([key[0], key[1], jnp.int32(b_off), jnp.int32(h_off)]).astype(jnp.int32)
+    first_row = row_offset + row_stride * jnp.int32(b_off)
+    words = [key[0], key[1], first_row, jnp.int32(h_off), jnp.int32(row_stride)]
+    dparams = jnp.stack(words + [jnp.int32(0)] * (fc.DROPOUT_PARAMS - len(words))).astype(jnp.int32)
     tok, ranges = _mask_inputs(plan, part_a_end, segment_ids)
     o = _flash(plan, _to_kernel(plan, q), _to_kernel(plan, k), _to_kernel(plan, v), tok, ranges, dparams, scale)
     return plan.layout.from_kernel(o)[:, :length]
@@ -205,6 +210,7 @@ def attention(
     layer_scale: Optional[jax.Array] = None,
     dropout_rate: float = 0.0,
     dropout_rng: Optional[jax.Array] = None,
+    dropout_rows: tuple = (0, 1),
     block_sizes: Optional[BlockSizes] = None,
     lowering: str = "auto",
     interpret: Optional[bool] = None,
@@ -218,7 +224,9 @@ def attention(
     rate = float(dropout_rate) if dropout_rng is not None else 0.0
     key = dropout_hash.key_words(dropout_rng if rate > 0.0 else None)
     part_a_end = jnp.asarray(part_a_end, jnp.int32)
-    opts = dict(lowering=lowering, interpret=interpret, sizes=block_sizes or BlockSizes(), dropout_rate=rate)
+    row_offset, row_stride = jnp.asarray(dropout_rows[0], jnp.int32), int(dropout_rows[1])
+    opts = dict(lowering=lowering, interpret=interpret, sizes=block_sizes or BlockSizes(), dropout_rate=rate,
+                row_stride=row_stride)
 
     mesh = jax.sharding.get_abstract_mesh()
     batch_axes = head_axes = ()
@@ -226,19 +234,19 @@ def attention(
         batch_axes = _mesh_axes(mesh, "batch", q.shape[0])
         head_axes = _mesh_axes(mesh, "act_heads", q.shape[2])
     if not batch_axes and not head_axes:
-        return _local(q, k, v, part_a_end, segment_ids, scale, key, batch_axes=(), head_axes=(), shards=(1, 1), **opts)
+        return _local(q, k, v, part_a_end, segment_ids, scale, key, row_offset, batch_axes=(), head_axes=(), shards=(1, 1), **opts)
 
     shards = tuple(math.prod(mesh.shape[a] for a in axes) for axes in (batch_axes, head_axes))
     qkv = P(batch_axes or None, None, head_axes or None, None)
     tok = P(batch_axes or None, None)
     has_seg = segment_ids is not None
 
-    def shard(q, k, v, part_a_end, scale, key, *seg):
-        return _local(q, k, v, part_a_end, seg[0] if has_seg else None, scale, key,
+    def shard(q, k, v, part_a_end, scale, key, row_offset, *seg):
+        return _local(q, k, v, part_a_end, seg[0] if has_seg else None, scale, key, row_offset,
                       batch_axes=batch_axes, head_axes=head_axes, shards=shards, **opts)
 
-    args = (q, k, v, part_a_end, scale, key) + ((segment_ids,) if has_seg else ())
-    specs = (qkv, qkv, qkv, tok, P(), P()) + ((tok,) if has_seg else ())
+    args = (q, k, v, part_a_end, scale, key, row_offset) + ((segment_ids,) if has_seg else ())
+    specs = (qkv, qkv, qkv, tok, P(), P(), P()) + ((tok,) if has_seg else ())
     if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
         # Explicit-sharding meshes want the inputs already laid out as shard_map splits them.
         args = tuple(jax.sharding.reshard(a, s) for a, s in zip(args, specs))
@@ -263,7 +271,7 @@ def visit_counts(
 @functools.partial(jax.jit, static_argnums=0)
 def _counted_run(plan: _Plan, q, k, v, part_a_end, segment_ids):
     tok, ranges = _mask_inputs(plan, part_a_end, segment_ids)
-    dparams = jnp.zeros((4,), jnp.int32)
+    dparams = jnp.zeros((fc.DROPOUT_PARAMS,), jnp.int32)
     scale = jnp.float32(1.0)
     qk, kk, vk = (_to_kernel(plan, x) for x in (q, k, v))
     mod = _MODULES[plan.lowering]

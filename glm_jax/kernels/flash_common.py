@@ -99,14 +99,21 @@ def online_softmax(m_prev: jax.Array, l_prev: jax.Array, s: jax.Array):
     return m_next, l_next, alpha, p
 
 
+# dparams: (key0, key1, first_row, head_offset, row_stride), padded to a power of two
+# (Triton blocks) with zeros.
+DROPOUT_PARAMS = 8
+
+
 def dropout_keep(st: Static, dparams, b, h, q0, k0, shape, *, keys_on_rows: bool = False) -> Optional[jax.Array]:
-    """The reference's keep mask for queries q0.. and keys k0.. of (global) batch b + offset,
-    head h + offset; a ``[queries, keys]`` block, or ``[keys, queries]`` with keys_on_rows.
-    dparams = (key0, key1, batch_offset, head_offset) int32 scalars."""
+    """The reference's keep mask for queries q0.. and keys k0.. of (global) batch row
+    first_row + row_stride * b, head h + offset; a ``[queries, keys]`` block, or
+    ``[keys, queries]`` with keys_on_rows.
+    dparams = (key0, key1, first_row, head_offset, row_stride) int32 scalars (the first
+    five of the DROPOUT_PARAMS the kernels receive)."""
     if not st.dropout:
         return None
-    key0, key1, b_off, h_off = dparams
-    base_hi, base_lo = dropout_hash.row_base(b_off + b, h_off + h, q0, st.heads, st.length)
+    key0, key1, first_row, h_off, row_stride = dparams
+    base_hi, base_lo = dropout_hash.row_base(first_row + row_stride * b, h_off + h, q0, st.heads, st.length)
     queries = lax.broadcasted_iota(jnp.int32, shape, 1 if keys_on_rows else 0)
     keys = lax.broadcasted_iota(jnp.int32, shape, 0 if keys_on_rows else 1)
     offsets = queries * st.length + (keys + k0)

@@ -90,7 +90,7 @@ def _counted(st, body):
 
 
 def _dparams(st, ref):
-    return tuple(ref[x] for x in range(4)) if st.dropout else None
+    return tuple(ref[x] for x in range(5)) if st.dropout else None  # the rest of the 8 is padding
 
 
 def _fwd_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, lim_ref, segq_ref, segk_ref, *outs, st, save_lse):
@@ -145,7 +145,7 @@ def _call(kernel, name: str, st: fc.Static, head_dim: int, grid, in_specs, outs,
 
 
 _RANGES = pl.BlockSpec((None, None, 4), lambda b, h, i: (b, i, 0))
-_SMALL = [pl.BlockSpec((4,), lambda b, h, i: (0,)), pl.BlockSpec((1,), lambda b, h, i: (0,))]
+_SMALL = [pl.BlockSpec((fc.DROPOUT_PARAMS,), lambda b, h, i: (0,)), pl.BlockSpec((1,), lambda b, h, i: (0,))]
 
 
 def _tokens(block: int):

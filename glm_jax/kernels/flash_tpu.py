@@ -151,7 +151,7 @@ def _fwd_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, limq_re
     m_scr, l_scr, acc_scr, lim_col, seg_col = refs
     b, h, i, j = (pl.program_id(a) for a in range(4))
     bq, bk = st.block_q, st.block_kv
-    dparams = tuple(dparams_ref[x] for x in range(4))
+    dparams = tuple(dparams_ref[x] for x in range(5))
 
     @pl.when(j == 0)
     def _():
@@ -279,7 +279,7 @@ def _dq_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, do_ref, 
     def body(blk, masked):
         q, k = q_ref[...], k_ref[...]
         mask = _query_mask(lim_col, seg_col, segk_ref, blk * bk, (bq, bk)) if masked else None
-        keep = fc.dropout_keep(st, tuple(dparams_ref[x] for x in range(4)), b, h, i * bq, blk * bk, (bq, bk))
+        keep = fc.dropout_keep(st, tuple(dparams_ref[x] for x in range(5)), b, h, i * bq, blk * bk, (bq, bk))
         _, ds = fc.bwd_block(st, q, k, do_ref[...], v_ref[...], lse_col[...][:, :1], delta_col[...][:, :1], scale_ref[0], mask, keep)
         acc_scr[...] += fc.matmul(ds, k)
 
@@ -306,7 +306,7 @@ def _dkv_kernel(ranges_ref, dparams_ref, scale_ref, q_ref, k_ref, v_ref, do_ref,
     def body(qblk, masked):
         q, do = q_ref[...], do_ref[...]
         mask = _key_mask(limq_ref, segq_ref, segk_col, j * bk, (bk, bq)) if masked else None
-        keep = fc.dropout_keep(st, tuple(dparams_ref[x] for x in range(4)), b, h, qblk * bq, j * bk, (bk, bq), keys_on_rows=True)
+        keep = fc.dropout_keep(st, tuple(dparams_ref[x] for x in range(5)), b, h, qblk * bq, j * bk, (bk, bq), keys_on_rows=True)
         p_t, ds_t = fc.bwd_block(st, k_ref[...], q, v_ref[...], do, lse_ref[...], delta_ref[...], scale_ref[0], mask, keep)
         dv_scr[...] += fc.matmul(p_t, do)
         dk_scr[...] += fc.matmul(ds_t, q)

@@ -16,7 +16,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from glm_jax.kernels import attention_mask
+from glm_jax.kernels import attention_mask, dropout_hash
 
 MASK_VALUE = -10000.0
 
@@ -41,10 +41,14 @@ def attention(
     layer_scale: Optional[jax.Array] = None,
     dropout_rate: float = 0.0,
     dropout_rng: Optional[jax.Array] = None,
+    dropout_rows: tuple = (0, 1),
 ) -> jax.Array:
     """q, k, v: ``[batch, length, heads, head_dim]``; returns the same shape and dtype as q.
 
     layer_scale: c = layer_index + 1 (scalar), or None for no layer scaling.
+    dropout_rows: (offset, stride): these rows are rows ``offset + stride * i`` of a larger
+      batch, and draw that batch's dropout masks, ``jax.random.bernoulli(dropout_rng,
+      1 - rate, [batch, heads, q, k])`` of the whole (the default: the batch itself).
     """
 
     q, c = scale_query(q, layer_scale)
@@ -55,7 +59,9 @@ def attention(
         scores = scores * c
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        offset, stride = dropout_rows
+        rows = jnp.asarray(offset, jnp.int32) + stride * jnp.arange(probs.shape[0], dtype=jnp.int32)
+        keep = dropout_hash.keep_rows(dropout_rng, dropout_rate, rows, probs.shape[1:])
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     probs = probs.astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from glm_jax.config import ModelConfig
 from glm_jax.kernels import decode, flash_attention, reference
 from glm_jax.model import init, linear, rotary
+from glm_jax.model.dropout import ATTENTION_PROBS, DropoutRows
 
 IMPLEMENTATIONS = {"xla": reference.attention, "pallas": flash_attention.attention}
 
@@ -26,7 +27,6 @@ def resolve_impl(name: str) -> str:
 
 class Attention(nn.Module):
     cfg: ModelConfig
-    deterministic: bool = True
 
     @nn.compact
     def __call__(
@@ -37,8 +37,12 @@ class Attention(nn.Module):
         part_a_end: jax.Array,
         segment_ids: Optional[jax.Array],
         cache: Optional[Any] = None,
+        dropout: Optional[DropoutRows] = None,
     ) -> tuple[jax.Array, Optional[Any]]:
         """Returns the attention output and ``cache`` with this layer's keys and values stored.
+
+        dropout: the layer's dropout key and rows; the probabilities are dropped with the
+          masks the whole batch would draw (``glm_jax.model.dropout``).
 
         cache: a ``glm_jax.inference.kv_cache.KVCache`` or None. These tokens' (post-rotary)
           keys and values go into it at ``cache.index``; with ``cache.decoding`` the tokens
@@ -83,9 +87,10 @@ class Attention(nn.Module):
                 ctx = decode.attention(q, k_all, v_all, cache.start, cache.index, layer_scale=layer_scale)
                 return project_out(ctx), cache
 
-        dropout_rng = None
-        if cfg.attention_dropout > 0.0 and not self.deterministic:
-            dropout_rng = self.make_rng("dropout")
+        dropout_options = {}
+        if cfg.attention_dropout > 0.0 and dropout is not None:
+            dropout_options = dict(dropout_rate=cfg.attention_dropout, dropout_rng=dropout.site(ATTENTION_PROBS),
+                                   dropout_rows=(dropout.row_offset, dropout.row_stride))
         name = resolve_impl(cfg.attention_impl)
         kernel_options = {"block_sizes": flash_attention.BlockSizes.from_config(cfg)} if name == "pallas" else {}
         ctx = IMPLEMENTATIONS[name](
@@ -95,8 +100,7 @@ class Attention(nn.Module):
             part_a_end,
             segment_ids,
             layer_scale=layer_scale,
-            dropout_rate=cfg.attention_dropout,
-            dropout_rng=dropout_rng,
+            **dropout_options,
             **kernel_options,
         )
         return project_out(ctx), cache

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from glm_jax.config import ModelConfig
 from glm_jax.model import init
 from glm_jax.model.attention import Attention
+from glm_jax.model.dropout import AFTER_ATTENTION, AFTER_MLP, DropoutRows, drop
 from glm_jax.model.mlp import MLP
 
 
@@ -32,7 +33,6 @@ def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
 
 class Block(nn.Module):
     cfg: ModelConfig
-    deterministic: bool = True
 
     @nn.compact
     def __call__(
@@ -43,23 +43,26 @@ class Block(nn.Module):
         part_a_end: jax.Array,
         segment_ids: Optional[jax.Array],
         cache: Optional[Any] = None,
+        dropout: Optional[DropoutRows] = None,
     ) -> tuple[jax.Array, Optional[Any]]:
-        """Returns the layer's output and ``cache`` with its keys and values (see Attention)."""
+        """Returns the layer's output and ``cache`` with its keys and values (see Attention).
+
+        dropout: this layer's key and rows (``DropoutRows.for_layer``); None = no dropout."""
         cfg = self.cfg
-        attn = Attention(cfg, deterministic=self.deterministic, name="attention")
+        attn = Attention(cfg, name="attention")
         mlp = MLP(cfg, name="mlp")
-        drop = nn.Dropout(cfg.hidden_dropout, deterministic=self.deterministic)
+        rate = cfg.hidden_dropout
         ln_in = layer_norm(cfg, "input_layernorm")
         ln_post = layer_norm(cfg, "post_attention_layernorm")
         if cfg.norm_order == "post":
             alpha = jnp.asarray(cfg.alpha, x.dtype)
             a = ln_in(x)
-            attended, cache = attn(a, layer_index, positions, part_a_end, segment_ids, cache)
-            y = a * alpha + drop(attended)
+            attended, cache = attn(a, layer_index, positions, part_a_end, segment_ids, cache, dropout)
+            y = a * alpha + drop(attended, rate, dropout, AFTER_ATTENTION)
             b = ln_post(y)
-            out = b * alpha + drop(mlp(b))
+            out = b * alpha + drop(mlp(b), rate, dropout, AFTER_MLP)
         else:
-            attended, cache = attn(ln_in(x), layer_index, positions, part_a_end, segment_ids, cache)
-            y = x + drop(attended)
-            out = y + drop(mlp(ln_post(y)))
+            attended, cache = attn(ln_in(x), layer_index, positions, part_a_end, segment_ids, cache, dropout)
+            y = x + drop(attended, rate, dropout, AFTER_ATTENTION)
+            out = y + drop(mlp(ln_post(y)), rate, dropout, AFTER_MLP)
         return nn.with_logical_constraint(out, ("batch", "length", "act_embed")), cache

@@ -19,6 +19,7 @@ from glm_jax.config import ModelConfig
 from glm_jax.kernels import attention_mask
 from glm_jax.model import init, linear
 from glm_jax.model.block import Block, layer_norm
+from glm_jax.model.dropout import DropoutRows
 from glm_jax.parallel.pipeline import Pipelining, pipeline
 
 REMAT_POLICIES = {
@@ -38,13 +39,13 @@ class _ScanBody(nn.Module):
     """Adapts Block to nn.scan's (carry, x) -> (carry, y) signature."""
 
     cfg: ModelConfig
-    deterministic: bool = True
 
     @nn.compact
-    def __call__(self, carry, layer_index, positions, part_a_end, segment_ids):
+    def __call__(self, carry, layer_index, positions, part_a_end, segment_ids, dropout):
         x, cache = carry
-        block = _block_class(self.cfg)(self.cfg, deterministic=self.deterministic, name="block")
-        return block(x, layer_index, positions, part_a_end, segment_ids, cache), None
+        block = _block_class(self.cfg)(self.cfg, name="block")
+        layer_dropout = None if dropout is None else dropout.for_layer(layer_index)
+        return block(x, layer_index, positions, part_a_end, segment_ids, cache, layer_dropout), None
 
 
 class GLM(nn.Module):
@@ -60,16 +61,16 @@ class GLM(nn.Module):
             scanned = nn.scan(
                 _ScanBody,
                 variable_axes={"params": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            self.layers = scanned(cfg, deterministic=self.deterministic)
+            self.layers = scanned(cfg)
         else:
             block_cls = _block_class(cfg)
             # A list attribute names its modules layers_0, layers_1, ...
-            self.layers = [block_cls(cfg, deterministic=self.deterministic) for _ in range(cfg.num_layers)]
+            self.layers = [block_cls(cfg) for _ in range(cfg.num_layers)]
         pdtype = jnp.dtype(cfg.param_dtype)
         self.word_embeddings = self.param("word_embeddings", init.embedding(cfg), (cfg.vocab_size, cfg.hidden_size), pdtype)
         if cfg.position_encoding == "learned_2d":
@@ -112,8 +113,13 @@ class GLM(nn.Module):
         *,
         return_hidden: bool = False,
         cache: Optional[Any] = None,
+        dropout_rows: tuple = (0, 1),
     ):
         """Logits ``[b, L, vocab]`` (or final hidden states with ``return_hidden``).
+
+        dropout_rows: (offset, stride) -- these rows are rows ``offset + stride * i`` of the
+          step's batch, whose dropout masks they draw (``glm_jax.model.dropout``); the
+          gradient-accumulation slices pass theirs, so slicing a batch changes no mask.
 
         cache: a ``glm_jax.inference.kv_cache.KVCache``. The tokens' keys and values are
           stored in it and ``(logits, cache)`` is returned. Prefill (``cache.decoding``
@@ -125,23 +131,28 @@ class GLM(nn.Module):
         positions = jnp.asarray(positions, jnp.int32)
         a_end = None if prefix_len is None else attention_mask.part_a_end(prefix_len, segment_ids, length)
         x = self.embed(tokens, positions)
+        dropout = None
+        if not self.deterministic and (cfg.attention_dropout > 0 or cfg.hidden_dropout > 0):
+            dropout = DropoutRows(self.make_rng("dropout"), jnp.asarray(dropout_rows[0], jnp.int32), int(dropout_rows[1]))
         if self.pipelining.active and cache is None and not self.is_initializing():
-            x = self._pipelined_layers(x, positions, a_end, segment_ids)
+            x = self._pipelined_layers(x, positions, a_end, segment_ids, dropout)
         elif cfg.scan_layers:
             layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-            (x, cache), _ = self.layers((x, cache), layer_ids, positions, a_end, segment_ids)
+            (x, cache), _ = self.layers((x, cache), layer_ids, positions, a_end, segment_ids, dropout)
         else:
             for i, block in enumerate(self.layers):
                 # A Python int: a per-layer KV cache (inference/kv_cache.py) picks its buffer at trace time.
-                x, cache = block(x, i, positions, a_end, segment_ids, cache)
+                layer_dropout = None if dropout is None else dropout.for_layer(i)
+                x, cache = block(x, i, positions, a_end, segment_ids, cache, layer_dropout)
         x = self.final_layernorm(x)
         out = x if return_hidden else self.head(x)
         return out if cache is None else (out, cache)
 
-    def _pipelined_layers(self, x, positions, a_end, segment_ids):
+    def _pipelined_layers(self, x, positions, a_end, segment_ids, dropout):
         """The layers as a pipeline (``glm_jax.parallel.pipeline``): the batch is cut into
         microbatches of every M-th row (so each stays split over the batch's devices), each
-        carrying its own positions, Part A ends and segment ids through the stages."""
+        carrying its own positions, Part A ends, segment ids and dropout rows through the
+        stages (so it draws the whole batch's dropout masks)."""
         cfg, plan = self.cfg, self.pipelining
         if not cfg.scan_layers:
             raise ValueError("pipelined layers need model.scan_layers=true (stacked layer parameters)")
@@ -153,13 +164,17 @@ class GLM(nn.Module):
             return None if a is None else a.reshape(a.shape[0] // n, n, *a.shape[1:]).swapaxes(0, 1)
 
         extras = {"positions": split(positions), "part_a_end": split(a_end), "segment_ids": split(segment_ids)}
-        if not self.deterministic and (cfg.attention_dropout > 0 or cfg.hidden_dropout > 0):
-            extras["dropout"] = jax.random.split(self.make_rng("dropout"), n)  # one key per microbatch
-        block = Block(cfg, deterministic=self.deterministic, parent=None)
+        per_microbatch = None if dropout is None else dropout.microbatches(n)
+        if per_microbatch is not None:
+            extras["row_offset"] = per_microbatch.row_offset
+        block = Block(cfg, parent=None)
 
         def layer_fn(p, x, extra, i):
-            rngs = {"dropout": jax.random.fold_in(extra["dropout"], i)} if "dropout" in extra else None
-            out, _ = block.apply({"params": p}, x, i, extra["positions"], extra["part_a_end"], extra["segment_ids"], rngs=rngs)
+            layer_dropout = None
+            if per_microbatch is not None:
+                layer_dropout = per_microbatch.replace(row_offset=extra["row_offset"]).for_layer(i)
+            out, _ = block.apply({"params": p}, x, i, extra["positions"], extra["part_a_end"], extra["segment_ids"], None,
+                                 layer_dropout)
             return out
 
         if cfg.remat_policy != "none":

@@ -81,12 +81,15 @@ def init_state(cfg: Config, model: GLM, optimizer, mesh: Mesh, rng: jax.Array, s
         return init(rng)
 
 
-def loss_sums(model: GLM, params, batch: Batch, dropout_rng: jax.Array | None = None, vocab_chunks: int = 1):
-    """Summed Part B loss and target-token count of a batch (float32)."""
+def loss_sums(model: GLM, params, batch: Batch, dropout_rng: jax.Array | None = None, vocab_chunks: int = 1,
+              dropout_rows: tuple = (0, 1)):
+    """Summed Part B loss and target-token count of a batch (float32). ``dropout_rows``:
+    which rows of the step's batch these are (see ``GLM.__call__``)."""
     out = model.apply(
         {"params": params},
         *batch.inputs(),
         return_hidden=vocab_chunks > 1,
+        dropout_rows=dropout_rows,
         rngs=None if dropout_rng is None else {"dropout": dropout_rng},
     )
     if vocab_chunks > 1:
@@ -120,11 +123,12 @@ def loss_and_grads(
 
     With ``microbatches`` > 1 the batch is processed in slices whose summed-loss gradients
     are accumulated in float32 and divided by the whole batch's target count at the end:
-    the same loss and gradients as one pass, at a fraction of the activation memory.
+    the same loss and gradients as one pass, at a fraction of the activation memory --
+    dropout included, since slice i (rows i, i + n, ...) draws those rows' masks.
     """
 
-    def sums(p, mb, rng):
-        return loss_sums(model, p, mb, rng, vocab_chunks)
+    def sums(p, mb, rng, rows=(0, 1)):
+        return loss_sums(model, p, mb, rng, vocab_chunks, rows)
 
     def constrain(g):
         return g if grad_shardings is None else jax.lax.with_sharding_constraint(g, grad_shardings)
@@ -140,8 +144,7 @@ def loss_and_grads(
     def accumulate(carry, xs):
         grads, loss_sum, weight = carry
         i, mb = xs
-        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-        (s, w), g = jax.value_and_grad(sums, has_aux=True)(params, mb, rng)
+        (s, w), g = jax.value_and_grad(sums, has_aux=True)(params, mb, dropout_rng, (i, microbatches))
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, constrain(g))
         return (constrain(grads), loss_sum + s, weight + w), None
 

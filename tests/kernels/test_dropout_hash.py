@@ -59,3 +59,15 @@ def test_limits_and_key_types_are_reported():
         dh.key_words(jax.random.key(0, impl="rbg"))
     raw = jax.random.key_data(jax.random.key(3))
     assert (np.asarray(dh.key_words(raw)) == np.asarray(dh.key_words(jax.random.key(3)))).all()
+
+
+@pytest.mark.parametrize("row_shape", [(3, 37, 37), (16, 24)], ids=["attention-probs", "hidden"])
+def test_keep_rows_draws_the_batch_masks_of_any_rows(row_shape):
+    """Any subset of rows (a strided microbatch, a shifted slice) gets exactly its rows of
+    the whole batch's ``jax.random.bernoulli`` mask."""
+    rng, rate, n = jax.random.key(5), 0.3, 8
+    want = np.asarray(jax.random.bernoulli(rng, 1.0 - rate, (n,) + row_shape))
+    keep = jax.jit(lambda rows: dh.keep_rows(rng, rate, rows, row_shape))
+    np.testing.assert_array_equal(keep(jnp.arange(n)), want)
+    for rows in ([1, 3, 5, 7], [6, 2], [4]):
+        np.testing.assert_array_equal(keep(jnp.asarray(rows)), want[rows])

@@ -39,12 +39,13 @@ def _trainer(cfg: Config) -> Trainer:
     return Trainer.build(cfg, make_mesh(cfg.mesh, devices))
 
 
-def _loss_and_grads(cfg: Config):
+def _loss_and_grads(cfg: Config, dropout_seed=None):
     trainer = _trainer(cfg)
     params = trainer.init_state(seed=0).params  # the same values on every mesh
     batch = copy_batch(cfg.model, cfg.train.batch_size, LENGTH, 0, 0)
+    rng = None if dropout_seed is None else jax.random.key(dropout_seed)
     with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(rules.logical_axis_rules()):
-        step = jax.jit(lambda p, b: loss_and_grads(trainer.model, p, b, microbatches=cfg.train.microbatches))
+        step = jax.jit(lambda p, b: loss_and_grads(trainer.model, p, b, rng, microbatches=cfg.train.microbatches))
         loss, _, grads = step(params, batch)
     return trainer.pipelining, float(loss), jax.device_get(grads)
 
@@ -147,14 +148,31 @@ def test_the_glm130b_step_lowers_on_model4_pipe8():
     assert r.stdout.split() == ["8", "1", "16", "9", "True"]
 
 
+def _with(cfg: Config, **model) -> Config:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model))
+
+
 def test_the_pallas_kernel_runs_inside_the_pipeline():
     """The fused kernel's shard_map (over batch and heads) traces under the stage vmap."""
-
-    def pallas(cfg):
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_impl="pallas"))
-
-    got = _loss_and_grads(pallas(_config(4, data=2, pipe=2, model=2, pipeline_microbatches=2)))
+    got = _loss_and_grads(_with(_config(4, data=2, pipe=2, model=2, pipeline_microbatches=2), attention_impl="pallas"))
     _assert_close(got, _reference(4, BATCH))
+
+
+DROPOUT = dict(attention_dropout=0.1, hidden_dropout=0.1)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_dropout_draws_the_same_masks_pipelined_accumulated_or_whole(impl):
+    """Each row's dropout masks depend on its index in the step's batch only: the pipeline's
+    microbatches (circular, 6 layers on 2 stages) and gradient accumulation draw the whole
+    batch's masks, so loss and gradients are the unpipelined step's, dropout on."""
+    whole = _loss_and_grads(_with(_config(6, batch=16), attention_impl=impl, **DROPOUT), dropout_seed=3)
+    plain = _reference(6, 16)
+    moved = max(float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(jax.tree.leaves(whole[2]), jax.tree.leaves(plain[2])))
+    assert moved > 0.01  # dropout is on: the gradients are not those without it
+    piped = _with(_config(6, 2, 2, 2, batch=16, pipeline_repeats=2, pipeline_microbatches=4, microbatches=2),
+                  attention_impl=impl, **DROPOUT)
+    _assert_close(_loss_and_grads(piped, dropout_seed=3), whole)
 
 
 def test_the_pipelined_step_compiles_for_a_tpu_pod_with_the_mosaic_kernels():
@@ -169,10 +187,9 @@ def test_the_pipelined_step_compiles_for_a_tpu_pod_with_the_mosaic_kernels():
 
     topology = topologies.get_topology_desc("v5e:2x4", "tpu")
     mesh = topologies.make_mesh(topology, (2, 2, 2), rules.MESH_AXES)
-    cfg = _config(4, data=2, pipe=2, model=2, mode="fsdp", batch=8)
-    model = dataclasses.replace(cfg.model, hidden_size=256, num_heads=2, mlp_dim=512, max_seq_len=512, dtype="bfloat16",
-                                attention_impl="pallas", remat_policy="full", attention_dropout=0.1, hidden_dropout=0.1)
-    cfg = dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, seq_len=512))
+    cfg = _with(_config(4, data=2, pipe=2, model=2, mode="fsdp", batch=8), hidden_size=256, num_heads=2, mlp_dim=512,
+                max_seq_len=512, dtype="bfloat16", attention_impl="pallas", remat_policy="full", **DROPOUT)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=512))
     trainer = Trainer.build(cfg, mesh)
     tokens = jax.ShapeDtypeStruct((8, 512), np.int32)
     batch = Batch(tokens=tokens, positions=tokens, prefix_len=jax.ShapeDtypeStruct((8,), np.int32), targets=tokens,
