@@ -46,7 +46,7 @@ def test_bench_train_json():
 def test_bench_train_pipe_compares_with_the_unpipelined_step():
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     out = subprocess.run(
-        [sys.executable, "-m", "glm_jax.bench", "train", "--pipe", "2", "--json", "--steps", "2", "model.num_layers=4",
+        [sys.executable, "-m", "glm_jax.bench", "train", "--pipe", "2", "--json", "--steps", "1", "model.num_layers=4",
          "train.seq_len=64"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )

@@ -74,9 +74,8 @@ CASES = {
     "pipe2-model2-data2-gpipe-1x": (4, (2, 2, 2), "replicated", 1, 1, BATCH, 1),
     "pipe4-data2-circular-2x-zero1": (8, (2, 4, 1), "zero1", 2, 2, BATCH, 1),
     "pipe8-gpipe-1x": (8, (1, 8, 1), "replicated", 1, 1, BATCH, 1),
-    "pipe2-data2-model2-4x-fsdp": (4, (2, 2, 2), "fsdp", 1, 4, BATCH, 1),
     "6-layers-on-pipe4-data2-2x-accumulate2": (6, (2, 4, 1), "replicated", 1, 2, 2 * BATCH, 2),
-    "6-layers-on-pipe2-circular-fsdp": (6, (2, 2, 2), "fsdp", 2, 2, BATCH, 1),
+    "6-layers-on-pipe2-model2-data2-circular-4x-fsdp": (6, (2, 2, 2), "fsdp", 2, 4, BATCH, 1),
 }
 
 
@@ -104,6 +103,14 @@ def test_a_whole_pipelined_step_lands_on_the_plain_steps_parameters():
     # Each stage keeps only its own layers' weights: the layer axis is split over pipe.
     stacked = trainer.shardings.params["layers"]["block"]["mlp"]["wi_kernel"]
     assert stacked.spec[0] == "pipe"
+    # A non-finite step is skipped, pipelined as not.
+    state = trainer.init_state(seed=0)
+    bad = copy_batch(trainer.cfg.model, BATCH, LENGTH, 0, 0)
+    bad = bad.replace(loss_weights=np.full_like(bad.loss_weights, np.nan))
+    after, metrics = trainer.train_step(state, bad)
+    assert bool(metrics["skipped"]) and int(after.skipped) == 1
+    for a, b in zip(jax.tree.leaves(jax.device_get(after.params)), jax.tree.leaves(jax.device_get(trainer.init_state(seed=0).params))):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_the_plan_defaults_and_refusals():
@@ -120,6 +127,13 @@ def test_the_plan_defaults_and_refusals():
         pipeline_plan.plan(_config(8, batch=6), sizes)
     with pytest.raises(ConfigError, match=r"needs train.pipeline_microbatches >= mesh.pipe \(4\), got 2"):
         pipeline_plan.plan(_config(8, pipeline_repeats=2, pipeline_microbatches=2), sizes)
+    # Every batch size of a ramp-up must cut into the microbatches (each size compiles once).
+    ramp = dict(batch=32, batch_size_start=8, batch_size_increment=8, rampup_samples=64)
+    assert pipeline_plan.plan(_config(8, **ramp), sizes).microbatches == 4  # 8 rows: 4 microbatches of 2
+    with pytest.raises(ConfigError, match=r"pipeline_microbatches=16 does not divide the batch of 8 rows"):
+        pipeline_plan.plan(_config(8, pipeline_microbatches=16, **ramp), sizes)
+    with pytest.raises(ConfigError, match=r"mesh.pipe=4 needs model.scan_layers=true"):
+        pipeline_plan.plan(_with(_config(8), scan_layers=False), sizes)
 
 
 LOWER_GLM130B = """
