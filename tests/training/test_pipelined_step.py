@@ -5,6 +5,7 @@ included) lands on the same parameters."""
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -211,3 +212,33 @@ def test_the_pipelined_step_compiles_for_a_tpu_pod_with_the_mosaic_kernels():
     hlo = trainer.train_step.lower(trainer.abstract_state(), batch).compile().as_text()
     assert sorted(set(re.findall(r"glm_flash_(?:fwd|dq|dkv)", hlo))) == ["glm_flash_dkv", "glm_flash_dq", "glm_flash_fwd"]
     assert "collective-permute" in hlo
+
+
+def _while_body_lines(hlo: str) -> list[str]:
+    """Instructions of the compiled program that run inside a loop (while bodies and what
+    they call)."""
+    comps, current = {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header:
+            current = comps.setdefault(header.group(1), [])
+        elif current is not None:
+            current.append(line)
+    inside, todo = set(), [b for lines in comps.values() for line in lines for b in re.findall(r"body=%?([\w.\-]+)", line)]
+    while todo:
+        name = todo.pop()
+        if name in inside or name not in comps:
+            continue
+        inside.add(name)
+        for line in comps[name]:
+            todo += re.findall(r"(?:to_apply|calls|body|condition)=%?([\w.\-]+)", line)
+    return [line for name in inside for line in comps[name]]
+
+
+def test_fsdp_weights_are_gathered_once_per_step_not_per_iteration():
+    cfg = _config(4, 2, 2, 2, mode="fsdp", pipeline_microbatches=4)
+    trainer = _trainer(cfg)
+    hlo = trainer.train_step.lower(trainer.abstract_state(), copy_batch(cfg.model, BATCH, LENGTH, 0, 0)).compile().as_text()
+    assert "all-gather(" in hlo  # FSDP gathers the weights...
+    looped = _while_body_lines(hlo)
+    assert looped and not [line for line in looped if "all-gather(" in line]  # ...before the pipeline's loops
