@@ -40,10 +40,19 @@ def _trainer(cfg: Config) -> Trainer:
     return Trainer.build(cfg, make_mesh(cfg.mesh, devices))
 
 
-def _loss_and_grads(cfg: Config, dropout_seed=None):
+def _packed(batch):
+    """Each row as two packed segments, the second with a Part A of 3 tokens."""
+    b, length = batch.tokens.shape
+    segments = np.repeat(np.asarray([[1] * (length // 2) + [2] * (length - length // 2)]), b, axis=0).astype(np.int32)
+    prefix = np.stack([np.asarray(batch.prefix_len).reshape(b), np.full((b,), 3)], axis=1).astype(np.int32)
+    return batch.replace(segment_ids=segments, prefix_len=prefix)
+
+
+def _loss_and_grads(cfg: Config, dropout_seed=None, packed=False):
     trainer = _trainer(cfg)
     params = trainer.init_state(seed=0).params  # the same values on every mesh
     batch = copy_batch(cfg.model, cfg.train.batch_size, LENGTH, 0, 0)
+    batch = _packed(batch) if packed else batch
     rng = None if dropout_seed is None else jax.random.key(dropout_seed)
     with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(rules.logical_axis_rules()):
         step = jax.jit(lambda p, b: loss_and_grads(trainer.model, p, b, rng, microbatches=cfg.train.microbatches))
@@ -88,6 +97,16 @@ def test_pipelined_loss_and_gradients_equal_the_plain_step(case):
     got = _loss_and_grads(cfg)
     assert got[0].stages == pipe and got[0].repeats == repeats and got[0].microbatches == per_stage * pipe
     _assert_close(got, _reference(layers, batch))
+
+
+def test_packed_segments_and_2d_positions_travel_with_their_microbatch():
+    """ChatGLM-6B's [b, 2, L] positions, per-segment Part A lengths and segment ids."""
+    def chatglm(cfg):
+        return dataclasses.replace(cfg, model=variant("chatglm-6b", hidden_size=64, num_heads=8, mlp_dim=96, num_layers=4))
+
+    want = _loss_and_grads(chatglm(_config(4)), packed=True)
+    got = _loss_and_grads(chatglm(_config(4, 2, 4, 1, pipeline_microbatches=4)), packed=True)
+    _assert_close(got, want)
 
 
 def test_a_whole_pipelined_step_lands_on_the_plain_steps_parameters():
