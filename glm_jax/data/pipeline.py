@@ -81,6 +81,28 @@ def _unbatch(blocks) -> Iterator[dict]:
             yield {k: values[k][a:b] for k in keys}
 
 
+def abstract_batch(cfg: Config, rows: int) -> Batch:
+    """The shapes and dtypes of a ``rows``-row batch as this config's data produces it
+    (``jax.ShapeDtypeStruct`` leaves): the argument of an ahead-of-time compile."""
+    import jax  # the data pipeline itself runs without jax; only this description needs it
+
+    length = cfg.train.seq_len
+
+    def spec(*shape, dtype=np.int32):
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    positions = spec(rows, 2, length) if cfg.model.two_d_positions else spec(rows, length)
+    packed = cfg.data.pack
+    return Batch(
+        tokens=spec(rows, length),
+        positions=positions,
+        prefix_len=spec(rows, max(1, length // 2)) if packed else spec(rows),
+        targets=spec(rows, length),
+        loss_weights=spec(rows, length, dtype=np.float32),
+        segment_ids=spec(rows, length) if packed else None,
+    )
+
+
 def to_model_batch(features: dict, cfg: Config) -> Batch:
     """Numpy converter output -> the model's batch (with 2D positions, the block positions
     become row 1 of ``positions``, ``[b, 2, L]``)."""

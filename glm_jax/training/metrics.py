@@ -26,6 +26,7 @@ PEAK_FLOPS = (
     ("TPU v5p", 459e12),
     ("TPU v5 lite", 197e12),
     ("TPU v5e", 197e12),
+    ("TPU v5", 459e12),  # v5p reports its kind as "TPU v5"; after the v5 lite entries
     ("TPU v4", 275e12),
     ("H200", 989e12),
     ("H100", 989e12),

@@ -1,0 +1,185 @@
+"""``python -m glm_jax.compile``: will this run fit that pod? The trainer's own step,
+compiled ahead of time for a TPU topology from any host.
+
+    python -m glm_jax.compile --config configs/glm-130b.yaml --topology v4-1024 \\
+        mesh.model=4 mesh.pipe=8 mesh.param_sharding=zero1 train.batch_size=1024 --json
+
+The mesh is built from the topology's compile-only devices as the trainer builds it on
+that pod (several slices with ``--num-slices``), the step is the one ``python -m
+glm_jax.train`` runs (Pallas attention included where the config picks it), and libtpu
+compiles it. Printed: per-chip bytes (arguments, outputs, temporaries, code, aliasing)
+against the chip's HBM, FITS or DOES NOT FIT with the margin, the compiled FLOPs against
+the model-FLOPs formula, the step time at the chip's peak and at 50% MFU, tokens/s for
+the pod, and the compile time. GPU clusters (``h100:64``...) cannot be compiled for
+without a GPU: for them the abstract estimate of ``glm_jax.info`` is printed, labelled.
+
+Exit status: 0 fits, 1 does not fit, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from glm_jax import cli
+
+MFU_FOR_ESTIMATE = 0.5
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def report_tpu(cfg, pod) -> dict:
+    # jax-using imports here: --help and bad input answer without starting jax.
+    from glm_jax.parallel import distributed
+    from glm_jax.parallel.mesh import make_mesh
+    from glm_jax.training.aot import DoesNotFit, compile_step
+    from glm_jax.training.metrics import flops_per_token
+
+    devices = pod.devices()
+    if pod.slices > 1:
+        mesh = distributed.multislice_mesh(cfg.mesh, devices)
+    else:
+        mesh = make_mesh(cfg.mesh, devices, whole_system=True)
+    hbm = pod.kind.hbm_bytes
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    model_flops = tokens * flops_per_token(cfg.model, cfg.train.seq_len)
+    at_peak = model_flops / (pod.chips * pod.kind.peak_flops)
+    at_mfu = at_peak / MFU_FOR_ESTIMATE
+    common = {
+        "model": cfg.model.name,
+        "topology": pod.name,
+        "slices": pod.slices,
+        "chips": pod.chips,
+        "mesh": dict(mesh.shape),
+        "param_sharding": cfg.mesh.param_sharding,
+        "remat_policy": cfg.model.remat_policy,
+        "batch_size": cfg.train.batch_size,
+        "seq_len": cfg.train.seq_len,
+        "microbatches": cfg.train.microbatches,
+    }
+    try:
+        step = compile_step(cfg, mesh)
+    except DoesNotFit as e:  # the compiler stopped: it knows the step needs more than the chip has
+        return {
+            **common,
+            "per_chip_bytes": {"total": e.required},
+            "hbm_bytes": hbm,
+            "fits": False,
+            "margin_bytes": None if e.required is None else hbm - e.required,
+            "compiler_message": str(e),
+            "step_s_at_peak": round(at_peak, 4),
+            "step_s_at_50pct_mfu": round(at_mfu, 4),
+            "tokens_per_s_at_50pct_mfu": round(tokens / at_mfu, 1),
+            "compile_s": round(e.compile_s, 1),
+            "estimate": False,
+        }
+    m = step.memory
+    pipelining = step.trainer.pipelining
+    return {
+        **common,
+        "pipeline_microbatches": pipelining.microbatches if pipelining.active else 0,
+        "per_chip_bytes": {
+            "arguments": m.arguments,
+            "outputs": m.outputs,
+            "aliased": m.aliased,
+            "temporaries": m.temporaries,
+            "generated_code": m.generated_code,
+            "total": m.total,
+        },
+        "hbm_bytes": hbm,
+        "fits": m.total <= hbm,
+        "margin_bytes": hbm - m.total,
+        "compiled_flops_per_chip": step.flops,
+        "model_flops_per_chip": model_flops / pod.chips,
+        "step_s_at_peak": round(at_peak, 4),
+        "step_s_at_50pct_mfu": round(at_mfu, 4),
+        "tokens_per_s_at_50pct_mfu": round(tokens / at_mfu, 1),
+        "compile_s": round(step.compile_s, 1),
+        "estimate": False,
+    }
+
+
+def report_gpu(cfg, pod) -> dict:
+    from glm_jax.training.sizing import report  # the abstract per-device estimate
+    from glm_jax.training.metrics import flops_per_token
+
+    info = report(cfg, pod.chips)
+    total = info["per_device_bytes"]["total"]
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    at_peak = tokens * flops_per_token(cfg.model, cfg.train.seq_len) / (pod.chips * pod.kind.peak_flops)
+    return {
+        "model": cfg.model.name,
+        "topology": pod.name,
+        "slices": 1,
+        "chips": pod.chips,
+        "mesh": info["mesh"],
+        "param_sharding": cfg.mesh.param_sharding,
+        "per_chip_bytes": {"params": info["per_device_bytes"]["params"], "adamw_state": info["per_device_bytes"]["adamw_state"],
+                           "total": total},
+        "hbm_bytes": pod.kind.hbm_bytes,
+        "fits": total <= pod.kind.hbm_bytes,
+        "margin_bytes": pod.kind.hbm_bytes - total,
+        "step_s_at_peak": round(at_peak, 4),
+        "step_s_at_50pct_mfu": round(at_peak / MFU_FOR_ESTIMATE, 4),
+        "tokens_per_s_at_50pct_mfu": round(tokens * MFU_FOR_ESTIMATE / at_peak, 1),
+        "estimate": True,
+        "note": "an estimate: parameters and AdamW state only (no gradients, activations or temporaries); "
+                "compiling for a GPU needs a GPU",
+    }
+
+
+def _print(r: dict) -> None:
+    b = r["per_chip_bytes"]
+    print(f"model        {r['model']} on {r['topology']}" + (f" x {r['slices']} slices" if r["slices"] > 1 else "")
+          + f" ({r['chips']} chips), mesh {' x '.join(f'{k}={v}' for k, v in r['mesh'].items())}, {r['param_sharding']}")
+    if "compiler_message" in r:
+        print(f"per chip     the compiler stopped: {r['compiler_message']}")
+        print(f"compile      {r['compile_s']:.1f} s (until it ran out of memory)")
+    elif r["estimate"]:
+        print(f"per chip     ESTIMATE params {_gib(b['params'])} + AdamW state {_gib(b['adamw_state'])} = {_gib(b['total'])}"
+              f" of {_gib(r['hbm_bytes'])} ({r['note']})")
+    else:
+        print(f"per chip     arguments {_gib(b['arguments'])} + outputs {_gib(b['outputs'])} - aliased {_gib(b['aliased'])} "
+              f"+ temporaries {_gib(b['temporaries'])} + code {_gib(b['generated_code'])} = {_gib(b['total'])} "
+              f"of {_gib(r['hbm_bytes'])} HBM")
+        if r["compiled_flops_per_chip"]:
+            print(f"flops        compiled {r['compiled_flops_per_chip']:.3e} per chip per step; model formula "
+                  f"{r['model_flops_per_chip']:.3e} (the difference is rematerialisation and attention masking)")
+        print(f"compile      {r['compile_s']:.1f} s")
+    print(f"speed        step {r['step_s_at_peak']:.3f} s at peak, {r['step_s_at_50pct_mfu']:.3f} s at 50% MFU: "
+          f"{r['tokens_per_s_at_50pct_mfu']:,.0f} tokens/s for the pod")
+    verdict = "FITS" if r["fits"] else "DOES NOT FIT"
+    if r["margin_bytes"] is None:
+        print(verdict)
+    else:
+        print(f"{verdict}  {'margin' if r['fits'] else 'short by'} {_gib(abs(r['margin_bytes']))} per chip")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m glm_jax.compile", description=__doc__.splitlines()[0])
+    cli.add_config_args(parser)
+    parser.add_argument("--topology", required=True, help="v4-N, v5p-N (TensorCores), v5e-N, v6e-N (chips), or GPU KIND:N")
+    parser.add_argument("--num-slices", type=int, default=1, help="TPU slices of that topology (multislice)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    cfg = cli.config_from_args(args)
+    from glm_jax.parallel import topology  # jax-free parsing: bad names fail fast
+
+    pod = topology.parse(args.topology, args.num_slices)
+    cfg.mesh.axis_sizes(pod.chips)  # the mesh must match the pod's chips: one line, exit 2
+    print(f"glm_jax.compile: {cfg.model.name} for {pod.name}"
+          + (f" x {pod.slices}" if pod.slices > 1 else "") + " ...", file=sys.stderr, flush=True)
+    r = report_tpu(cfg, pod) if pod.kind.tpu else report_gpu(cfg, pod)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        _print(r)
+    return 0 if r["fits"] else 1
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

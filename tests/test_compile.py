@@ -1,0 +1,85 @@
+"""``python -m glm_jax.compile``: the trainer's step compiled for TPU pods from this CPU,
+FITS / DOES NOT FIT with exit 0 / 1, estimates for GPU clusters, bad input exit 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from glm_jax import compile as compile_cli
+from glm_jax.config import ConfigError, load_config
+from glm_jax.parallel import topology
+from glm_jax.parallel.mesh import make_mesh
+from glm_jax.training.aot import compile_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# glm-large's widths, two layers, a short batch: compiles in seconds for a v5e-8.
+SMALL = ["mesh.data=4", "mesh.model=2", "model.num_layers=2", "model.attention_impl=xla", "train.batch_size=8",
+         "train.seq_len=128", "train.loss_vocab_chunks=4"]
+
+
+def run(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "glm_jax.compile", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_a_small_config_fits_a_v5e_8_and_its_state_bytes_are_the_cpu_compiles(capsys):
+    assert compile_cli.main(["--config", "glm-large", "--topology", "v5e-8", "--json", *SMALL]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["fits"] and r["chips"] == 8 and r["mesh"] == {"data": 4, "pipe": 1, "model": 2} and not r["estimate"]
+    b = r["per_chip_bytes"]
+    assert b["total"] == b["arguments"] + b["outputs"] - b["aliased"] + b["temporaries"] + b["generated_code"]
+    assert r["margin_bytes"] == 16 * 2**30 - b["total"] and r["compile_s"] > 0
+    assert b["aliased"] > 0.9 * b["outputs"]  # the donated train state is updated in place
+    # The same step compiled for 8 simulated CPU devices of the same mesh shape holds the
+    # same sharded state: argument and output bytes agree (temporaries are the backend
+    # compiler's own choice, and differ).
+    cfg = load_config("glm-large", SMALL)
+    cpu = compile_step(cfg, make_mesh(cfg.mesh, jax.devices()[:8])).memory
+    assert b["arguments"] == pytest.approx(cpu.arguments, rel=0.01)
+    assert b["outputs"] == pytest.approx(cpu.outputs, rel=0.01)
+
+
+def test_a_config_that_cannot_fit_does_not_fit_with_exit_1():
+    r = run("--config", "glm-10b", "--topology", "v5e-1", "mesh.data=1", "mesh.model=1", "train.batch_size=8", "--json")
+    assert r.returncode == 1, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["fits"] is False and out["chips"] == 1
+    text = run("--config", "glm-10b", "--topology", "v5e-1", "mesh.data=1", "mesh.model=1", "train.batch_size=8")
+    assert text.returncode == 1 and "DOES NOT FIT" in text.stdout
+
+
+def test_gpu_clusters_get_the_labelled_estimate():
+    r = run("--config", "glm-130b", "--topology", "a100-40g:8", "mesh.data=1", "--json")
+    assert r.returncode == 1  # 130B on 8 GPUs does not fit, even by the estimate
+    out = json.loads(r.stdout)
+    assert out["estimate"] is True and "an estimate" in out["note"] and out["chips"] == 8
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--topology", "v9-8"], "error: --topology 'v9-8' is not valid; valid: v4-N, v5p-N"),
+        (["--topology", "v5e-8", "mesh.data=3"], "error: mesh: mesh.data=3 x mesh.pipe=1 x mesh.model=1 = 3 devices, but 8 are available"),
+        (["--topology", "v5e-8", "model.num_layers=0"], "error: model.num_layers must be > 0, got 0"),
+        (["--topology", "v4-3"], "error: --topology v4-3: v4 names count TensorCores, 2 per chip"),
+    ],
+    ids=["unknown-topology", "mesh-does-not-match-the-chips", "config-error", "odd-core-count"],
+)
+def test_bad_input_is_one_line(args, message):
+    r = run("--config", "glm-large", *args)
+    assert r.returncode == 2 and r.stderr.strip().startswith(message), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_pod_names():
+    assert (topology.parse("v4-1024").chips, topology.parse("v4-1024").shape) == (512, (8, 8, 8))
+    assert topology.parse("v5p-512").shape == (4, 8, 8) and topology.parse("v5e-8").shape == (2, 4)
+    assert topology.parse("v4-8").shape == (2, 2, 1) and topology.parse("v6e-64").chips == 64
+    assert topology.parse("v5e-256", slices=2).chips == 512
+    with pytest.raises(ConfigError, match="chip count \\(12\\) must be a power of two"):
+        topology.parse("v5e-12")
