@@ -147,8 +147,8 @@ def _print(r: dict) -> None:
               f"+ temporaries {_gib(b['temporaries'])} + code {_gib(b['generated_code'])} = {_gib(b['total'])} "
               f"of {_gib(r['hbm_bytes'])} HBM")
         if r["compiled_flops_per_chip"]:
-            print(f"flops        compiled {r['compiled_flops_per_chip']:.3e} per chip per step; model formula "
-                  f"{r['model_flops_per_chip']:.3e} (the difference is rematerialisation and attention masking)")
+            print(f"flops        XLA's cost analysis {r['compiled_flops_per_chip']:.3e} per chip (it counts a loop body "
+                  f"once, so scanned layers are counted once); model formula {r['model_flops_per_chip']:.3e} per chip per step")
         print(f"compile      {r['compile_s']:.1f} s")
     print(f"speed        step {r['step_s_at_peak']:.3f} s at peak, {r['step_s_at_50pct_mfu']:.3f} s at 50% MFU: "
           f"{r['tokens_per_s_at_50pct_mfu']:,.0f} tokens/s for the pod")

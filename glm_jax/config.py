@@ -228,6 +228,10 @@ class TrainConfig:
     # batch), and layer groups per stage (> 1: the circular schedule, a smaller bubble).
     pipeline_microbatches: int = 0
     pipeline_repeats: int = 1
+    # With mesh.param_sharding=fsdp: gather each stage's weights once per step and hold
+    # them ("step", the least communication), or let each layer gather its own every
+    # pipeline iteration ("layer": R·M + P - 1 times the gathers, a layer's weights at a time).
+    pipeline_gather: Literal["step", "layer"] = "step"
     # Batch-size ramp-up (GLM-130B: 192 -> 4224 over the first 2.5% of samples): the batch
     # starts at batch_size_start and grows by batch_size_increment in equal sample intervals
     # until batch_size is reached after rampup_samples sequences. 0 = no ramp-up.

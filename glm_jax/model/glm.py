@@ -179,14 +179,14 @@ class GLM(nn.Module):
 
         if cfg.remat_policy != "none":
             layer_fn = jax.checkpoint(layer_fn, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-        # The layers use their weights in the compute dtype; casting the stack first makes
-        # the once-per-step regroup (and FSDP's gather) move and hold half the bytes in
-        # bfloat16 -- GLM-130B's nine layers per stage are 8 GB per chip rather than 16.
-        compute = jnp.dtype(cfg.dtype)
-        weights = jax.tree.map(
-            lambda p: p.astype(compute) if jnp.issubdtype(p.dtype, jnp.floating) else p,
-            self.variables["params"]["layers"]["block"],
-        )
+        weights = self.variables["params"]["layers"]["block"]
+        if plan.gather == "step":
+            # The layers use their weights in the compute dtype; casting the stack first
+            # makes the once-per-step regroup (and FSDP's gather) move and hold half the
+            # bytes in bfloat16 -- GLM-130B's nine layers per stage are 8 GB per chip, not
+            # 16. (Their gradients then add up over the microbatches in that dtype too.)
+            compute = jnp.dtype(cfg.dtype)
+            weights = jax.tree.map(lambda p: p.astype(compute) if jnp.issubdtype(p.dtype, jnp.floating) else p, weights)
         ys = pipeline(
             layer_fn,
             weights,
@@ -196,6 +196,7 @@ class GLM(nn.Module):
             repeats=plan.repeats,
             x_names=("batch", "length", "act_embed"),
             param_names=layer_param_names(cfg),
+            gather=plan.gather,
         )
         return ys.swapaxes(0, 1).reshape(x.shape)
 

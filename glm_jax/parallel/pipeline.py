@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from glm_jax.config import ConfigError
 from glm_jax.parallel import rules
@@ -116,6 +117,9 @@ class Pipelining:
     stages: int = 1
     repeats: int = 1
     microbatches: int = 1
+    # "step": each stage's weights are gathered (FSDP) once per step and held; "layer":
+    # they stay split over data and each layer gathers its own where it runs.
+    gather: str = "step"
 
     @property
     def active(self) -> bool:
@@ -146,12 +150,19 @@ def stage_axis_name() -> Optional[tuple[str, ...]]:
     return axes or None
 
 
-def stage_params(layer_params: Any, sched: Schedule, param_names: Any = None) -> Any:
+def stage_params(layer_params: Any, sched: Schedule, param_names: Any = None, keep_split_over_data: bool = False) -> Any:
     """``[layers, ...]`` -> ``[repeats, stages, per_group, ...]`` in schedule order, with
     padding slots holding a copy of layer 0 (never applied). Done once per step: with
-    FSDP the weights are gathered here, not in every iteration. ``param_names``: the
-    logical names of each ``[layers, ...]`` leaf (first name the layer axis)."""
+    FSDP the weights are gathered here, not in every iteration -- unless
+    ``keep_split_over_data``, which leaves ``embed`` split over ``data`` for each layer to
+    gather where it runs. ``param_names``: the logical names of each ``[layers, ...]``
+    leaf (first name the layer axis)."""
     even = sched.repeats == 1 and sched.padded_layers == sched.layers
+    if keep_split_over_data and param_names is not None:
+        param_names = jax.tree.map(
+            lambda names: tuple(rules.EMBED_OVER_DATA if n in ("embed", rules.EMBED_OVER_STAGES) else n for n in names),
+            param_names, is_leaf=lambda x: isinstance(x, PartitionSpec),
+        )
 
     def one(p, names):
         if even:  # GPipe with whole groups: stage s holds layers [s·k, (s+1)·k), a reshape
@@ -176,6 +187,7 @@ def pipeline(
     bubble_fill: Optional[float] = None,
     x_names: Optional[tuple] = None,
     param_names: Any = None,
+    gather: str = "step",
 ) -> jax.Array:
     """Apply every layer to every microbatch, pipelined; equal to the plain loop
     ``for m: x = xs[m]; for l: x = layer_fn(params[l], x, extras[m], l)``.
@@ -189,12 +201,14 @@ def pipeline(
     x_names: logical axis names of one microbatch (e.g. ``("batch", "length",
       "act_embed")``), param_names: a pytree of the layer parameters' logical names; with
       them the buffers and stage-major weights keep their data / model sharding.
+    gather: "step" (FSDP weights gathered once, before the loop) or "layer" (they stay
+      split over data; each layer gathers its own in every iteration).
     """
     n_layers = jax.tree.leaves(layer_params)[0].shape[0]
     M = xs.shape[0]
     sched = Schedule(n_layers, stages, repeats, M)
     S, R = sched.stages, sched.repeats
-    params = stage_params(layer_params, sched, param_names)
+    params = stage_params(layer_params, sched, param_names, keep_split_over_data=gather == "layer")
     layer_ids = _stage_major(jnp.asarray(sched.slots(), jnp.int32), sched)  # [R, S, k]; -1 = padding
     stage_names = None if x_names is None else ("stages",) + tuple(x_names)
     queue_names = None if x_names is None else (None,) + tuple(x_names)

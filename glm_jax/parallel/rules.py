@@ -23,6 +23,11 @@ MESH_AXES = ("data", "pipe", "model")
 # step (an all-to-all).
 EMBED_OVER_STAGES = "embed_over_stages"
 
+# FSDP with train.pipeline_gather=layer: the pipeline's stage-major weights keep ``embed``
+# split over ``data``, so each layer gathers its weights where it uses them (every
+# iteration) instead of the stage holding all its layers gathered for the whole step.
+EMBED_OVER_DATA = "embed_over_data"
+
 # (logical name, mesh axis or None). Unlisted names are replicated.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # Activations.
@@ -49,6 +54,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # the stage-major parameters.
     ("stages", "pipe"),
     (EMBED_OVER_STAGES, "pipe"),
+    (EMBED_OVER_DATA, "data"),
 )
 
 # mesh.param_sharding=zero1 / fsdp: these parameter axes are also split over ``data``
@@ -140,6 +146,7 @@ __all__ = [
     "DATA_SHARDED_PARAM_AXES",
     "LOGICAL_AXIS_RULES",
     "MESH_AXES",
+    "EMBED_OVER_DATA",
     "EMBED_OVER_STAGES",
     "batch_sharding",
     "fit_to_shapes",

@@ -58,7 +58,12 @@ def plan(cfg: Config, axis_sizes: dict[str, int]) -> Pipelining:
             f"train.pipeline_repeats={repeats} (the circular schedule) needs train.pipeline_microbatches >= "
             f"mesh.pipe ({stages}), got {chosen}"
         )
-    return Pipelining(stages=stages, repeats=repeats, microbatches=chosen)
+    if train.pipeline_gather == "layer" and cfg.mesh.param_sharding != "fsdp":
+        raise ConfigError(
+            "train.pipeline_gather=layer gathers weights split over data, which needs mesh.param_sharding=fsdp "
+            f"(got {cfg.mesh.param_sharding})"
+        )
+    return Pipelining(stages=stages, repeats=repeats, microbatches=chosen, gather=train.pipeline_gather)
 
 
 def _dividing(slices: list[int]) -> list[int]:

@@ -152,6 +152,8 @@ def test_the_plan_defaults_and_refusals():
     assert pipeline_plan.plan(_config(8, **ramp), sizes).microbatches == 4  # 8 rows: 4 microbatches of 2
     with pytest.raises(ConfigError, match=r"pipeline_microbatches=16 does not divide the batch of 8 rows"):
         pipeline_plan.plan(_config(8, pipeline_microbatches=16, **ramp), sizes)
+    with pytest.raises(ConfigError, match=r"train.pipeline_gather=layer .* needs mesh.param_sharding=fsdp \(got replicated\)"):
+        pipeline_plan.plan(_config(8, pipeline_gather="layer"), sizes)
     with pytest.raises(ConfigError, match=r"mesh.pipe=4 needs model.scan_layers=true"):
         pipeline_plan.plan(_with(_config(8), scan_layers=False), sizes)
 
@@ -254,10 +256,15 @@ def _while_body_lines(hlo: str) -> list[str]:
     return [line for name in inside for line in comps[name]]
 
 
-def test_fsdp_weights_are_gathered_once_per_step_not_per_iteration():
-    cfg = _config(4, 2, 2, 2, mode="fsdp", pipeline_microbatches=4)
+@pytest.mark.parametrize("gather", ["step", "layer"])
+def test_fsdp_weights_are_gathered_once_per_step_or_by_each_layer(gather):
+    """train.pipeline_gather=step gathers before the pipeline's loops; =layer inside them
+    (a layer's weights at a time); the loss and gradients are the plain step's either way."""
+    cfg = _config(6, 2, 2, 2, mode="fsdp", pipeline_microbatches=4, pipeline_gather=gather)
     trainer = _trainer(cfg)
     hlo = trainer.train_step.lower(trainer.abstract_state(), copy_batch(cfg.model, BATCH, LENGTH, 0, 0)).compile().as_text()
-    assert "all-gather(" in hlo  # FSDP gathers the weights...
-    looped = _while_body_lines(hlo)
-    assert looped and not [line for line in looped if "all-gather(" in line]  # ...before the pipeline's loops
+    assert "all-gather(" in hlo
+    looped = [line for line in _while_body_lines(hlo) if "all-gather(" in line]
+    assert bool(looped) == (gather == "layer")
+    if gather == "layer":
+        _assert_close(_loss_and_grads(cfg), _reference(6, BATCH))
