@@ -13,6 +13,15 @@ the model-FLOPs formula, the step time at the chip's peak and at 50% MFU, tokens
 the pod, and the compile time. GPU clusters (``h100:64``...) cannot be compiled for
 without a GPU: for them the abstract estimate of ``glm_jax.info`` is printed, labelled.
 
+``--search`` tries remat policies x gradient-accumulation microbatches x parameter
+sharding (x pipeline microbatches and FSDP gathering with ``mesh.pipe`` > 1) around the
+given config, in order of estimated step time, compiling each until ``--search-fits``
+of them fit; it prints a table of what it tried and the override line for
+``python -m glm_jax.train``. The estimate is the model-FLOPs time at 50% MFU times the
+remat policy's recompute (none 1, dots 1.05, dots_no_batch 1.1, full 4/3) over the
+pipeline's non-bubble share; communication is not modelled (ties go to the candidate
+that moves fewer bytes: ZeRO-1 before FSDP, per-step before per-layer gathers).
+
 Exit status: 0 fits, 1 does not fit, 2 bad input.
 """
 
@@ -26,6 +35,7 @@ from typing import Optional, Sequence
 from glm_jax import cli
 
 MFU_FOR_ESTIMATE = 0.5
+RECOMPUTE = {"none": 1.0, "dots": 1.05, "dots_no_batch": 1.1, "full": 4 / 3}
 
 
 def _gib(n: float) -> str:
@@ -159,12 +169,90 @@ def _print(r: dict) -> None:
         print(f"{verdict}  {'margin' if r['fits'] else 'short by'} {_gib(abs(r['margin_bytes']))} per chip")
 
 
+def estimated_step_s(cfg, pod) -> float:
+    """Model FLOPs at 50% MFU, times the remat recompute, over the pipeline's non-bubble share."""
+    from glm_jax.training import pipeline_plan
+    from glm_jax.training.metrics import flops_per_token
+
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    t = tokens * flops_per_token(cfg.model, cfg.train.seq_len) / (pod.chips * pod.kind.peak_flops * MFU_FOR_ESTIMATE)
+    plan = pipeline_plan.plan(cfg, cfg.mesh.axis_sizes(pod.chips))
+    bubble = plan.schedule(cfg.model.num_layers).bubble if plan.active else 0.0
+    return t * RECOMPUTE[cfg.model.remat_policy] / (1.0 - bubble)
+
+
+def search_candidates(args, pod) -> list[tuple[float, int, list[str], object]]:
+    """(estimated step s, communication rank, overrides, config) of every valid variant."""
+    from glm_jax.config import ConfigError, load_config
+
+    base = cli.config_from_args(args)
+    sizes = base.mesh.axis_sizes(pod.chips)
+    pipe = sizes["pipe"]
+    shardings = ("zero1", "fsdp")
+    out = []
+    for remat in ("none", "dots_no_batch", "full"):
+        for micro in (1, 2, 4, 8):
+            for sharding in shardings:
+                gathers = ("step", "layer") if pipe > 1 and sharding == "fsdp" else ("step",)
+                pipeline_ms = (pipe, 2 * pipe, 4 * pipe) if pipe > 1 else (0,)
+                for gather in gathers:
+                    for pm in pipeline_ms:
+                        overrides = [f"model.remat_policy={remat}", f"train.microbatches={micro}",
+                                     f"mesh.param_sharding={sharding}"]
+                        if pipe > 1:
+                            overrides += [f"train.pipeline_microbatches={pm}", f"train.pipeline_gather={gather}"]
+                        try:
+                            cfg = load_config(args.config or cli.DEFAULT_CONFIG, [*args.overrides, *overrides])
+                            if any(size % (sizes["data"] * micro) for size in {cfg.train.batch_size}):
+                                continue
+                            est = estimated_step_s(cfg, pod)
+                        except ConfigError:
+                            continue
+                        rank = shardings.index(sharding) + 2 * (gather == "layer") + micro / 100
+                        out.append((est, rank, overrides, cfg))
+    return sorted(out, key=lambda c: (c[0], c[1]))
+
+
+def search(args, pod) -> int:
+    candidates = search_candidates(args, pod)
+    if not candidates:
+        raise cli.ConfigError("--search: no valid variant of this config for the pod (check train.batch_size against mesh.data)")
+    rows, fits = [], 0
+    for est, _, overrides, cfg in candidates:
+        print(f"glm_jax.compile: trying {' '.join(overrides)} (est. {est:.3f} s) ...", file=sys.stderr, flush=True)
+        r = report_tpu(cfg, pod)
+        rows.append({"overrides": overrides, "fits": r["fits"], "total_bytes": r["per_chip_bytes"]["total"],
+                     "est_step_s": round(est, 4), "compile_s": r["compile_s"]})
+        fits += r["fits"]
+        if fits >= args.search_fits:
+            break
+    best = next((row for row in rows if row["fits"]), None)
+    command = None
+    if best:
+        config = f"--config {args.config} " if args.config else ""
+        command = "python -m glm_jax.train " + config + " ".join([*args.overrides, *best["overrides"]])
+    if args.json:
+        print(json.dumps({"topology": pod.name, "tried": rows, "untried": len(candidates) - len(rows), "train_command": command}))
+    else:
+        print(f"{'fits':5s} {'GiB/chip':>9s} {'est. step':>10s} {'compile':>8s}  overrides")
+        for row in rows:
+            total = "?" if row["total_bytes"] is None else f"{row['total_bytes'] / 2**30:.2f}"
+            print(f"{'yes' if row['fits'] else 'no':5s} {total:>9s} {row['est_step_s']:>9.3f}s {row['compile_s']:>7.1f}s  "
+                  + " ".join(row["overrides"]))
+        print(f"({len(candidates) - len(rows)} slower candidates not compiled)")
+        print(command if command else "nothing tried fits this pod")
+    return 0 if best else 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m glm_jax.compile", description=__doc__.splitlines()[0])
     cli.add_config_args(parser)
     parser.add_argument("--topology", required=True, help="v4-N, v5p-N (TensorCores), v5e-N, v6e-N (chips), or GPU KIND:N")
     parser.add_argument("--num-slices", type=int, default=1, help="TPU slices of that topology (multislice)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--search", action="store_true",
+                        help="try remat x accumulation x sharding (x pipeline) variants, fastest estimate first")
+    parser.add_argument("--search-fits", type=int, default=1, help="with --search: stop after this many fit (default 1)")
     args = parser.parse_args(argv)
     cfg = cli.config_from_args(args)
     from glm_jax.parallel import topology  # jax-free parsing: bad names fail fast
@@ -173,6 +261,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg.mesh.axis_sizes(pod.chips)  # the mesh must match the pod's chips: one line, exit 2
     print(f"glm_jax.compile: {cfg.model.name} for {pod.name}"
           + (f" x {pod.slices}" if pod.slices > 1 else "") + " ...", file=sys.stderr, flush=True)
+    if args.search:
+        if not pod.kind.tpu:
+            raise cli.ConfigError("--search compiles, which needs a TPU topology; GPU clusters get only the estimate")
+        return search(args, pod)
     r = report_tpu(cfg, pod) if pod.kind.tpu else report_gpu(cfg, pod)
     if args.json:
         print(json.dumps(r))

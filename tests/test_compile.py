@@ -83,3 +83,20 @@ def test_pod_names():
     assert topology.parse("v5e-256", slices=2).chips == 512
     with pytest.raises(ConfigError, match="chip count \\(12\\) must be a power of two"):
         topology.parse("v5e-12")
+
+
+@pytest.mark.slow
+def test_search_compiles_the_fastest_estimates_until_one_fits():
+    """glm-large at batch 64 on a v5e-8 without remat or accumulation needs 19 GiB per
+    chip; the search finds that two accumulation steps fit and prints the train command."""
+    r = run("--config", "glm-large", "--topology", "v5e-8", "mesh.data=8", "model.attention_impl=xla", "train.batch_size=64",
+            "--search", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    tried = out["tried"]
+    assert [t["fits"] for t in tried] == [False, True]
+    assert tried[0]["overrides"] == ["model.remat_policy=none", "train.microbatches=1", "mesh.param_sharding=zero1"]
+    assert "train.microbatches=2" in tried[1]["overrides"] and tried[1]["total_bytes"] < 16 * 2**30 < tried[0]["total_bytes"]
+    assert out["untried"] > 0
+    assert out["train_command"] == ("python -m glm_jax.train --config glm-large mesh.data=8 model.attention_impl=xla "
+                                    "train.batch_size=64 " + " ".join(tried[1]["overrides"]))
