@@ -179,14 +179,11 @@ class GLM(nn.Module):
 
         if cfg.remat_policy != "none":
             layer_fn = jax.checkpoint(layer_fn, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+        # The weights go in as stored (float32): each layer casts them to the compute dtype
+        # where it uses them, so their gradients add up over the microbatches in float32.
+        # (Casting the stack first would halve what the regroup holds, at the price of
+        # summing those gradients in bfloat16; train.pipeline_gather=layer saves more.)
         weights = self.variables["params"]["layers"]["block"]
-        if plan.gather == "step":
-            # The layers use their weights in the compute dtype; casting the stack first
-            # makes the once-per-step regroup (and FSDP's gather) move and hold half the
-            # bytes in bfloat16 -- GLM-130B's nine layers per stage are 8 GB per chip, not
-            # 16. (Their gradients then add up over the microbatches in that dtype too.)
-            compute = jnp.dtype(cfg.dtype)
-            weights = jax.tree.map(lambda p: p.astype(compute) if jnp.issubdtype(p.dtype, jnp.floating) else p, weights)
         ys = pipeline(
             layer_fn,
             weights,
