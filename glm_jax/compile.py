@@ -171,7 +171,7 @@ def _print(r: dict) -> None:
 
 def estimated_step_s(cfg, pod) -> float:
     """Model FLOPs at 50% MFU, times the remat recompute, over the pipeline's non-bubble share."""
-    from glm_jax.training import pipeline_plan
+    from glm_jax.training import pipeline_plan  # jax-using: imported once bad input has been refused
     from glm_jax.training.metrics import flops_per_token
 
     tokens = cfg.train.batch_size * cfg.train.seq_len
@@ -184,6 +184,7 @@ def estimated_step_s(cfg, pod) -> float:
 def search_candidates(args, pod) -> list[tuple[float, int, list[str], object]]:
     """(estimated step s, communication rank, overrides, config) of every valid variant."""
     from glm_jax.config import ConfigError, load_config
+    from glm_jax.training.loop import check_batch_sizes  # jax-using, like every import below main's checks
 
     base = cli.config_from_args(args)
     sizes = base.mesh.axis_sizes(pod.chips)
@@ -203,8 +204,7 @@ def search_candidates(args, pod) -> list[tuple[float, int, list[str], object]]:
                             overrides += [f"train.pipeline_microbatches={pm}", f"train.pipeline_gather={gather}"]
                         try:
                             cfg = load_config(args.config or cli.DEFAULT_CONFIG, [*args.overrides, *overrides])
-                            if any(size % (sizes["data"] * micro) for size in {cfg.train.batch_size}):
-                                continue
+                            check_batch_sizes(cfg, sizes["data"])  # every batch splits over data x accumulation
                             est = estimated_step_s(cfg, pod)
                         except ConfigError:
                             continue

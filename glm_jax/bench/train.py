@@ -238,14 +238,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, cfg in zip(names, configs):
         print(f"bench train: {name} ...", file=sys.stderr, flush=True)
         result = dict(preset=name, **bench(cfg, args.steps))
-        if args.json:
-            print(json.dumps(result), flush=True)
-        else:
-            for k, v in result.items():
-                print(f"{k:28s} {v}")
+        _emit(result, args.json)
         print(f"{name}: {result['tokens_per_s']:,.0f} tokens/s, MFU {100 * result['mfu']:.1f}% of the measured "
               f"{max(result['peak_tflops_per_s'].values()):.3f} TFLOP/s matmul peak", file=sys.stderr, flush=True)
     return 0
+
+
+def _emit(result: dict, as_json: bool) -> None:
+    """One JSON line on stdout, or one ``key value`` line per field."""
+    if as_json:
+        print(json.dumps(result), flush=True)
+    else:
+        for k, v in result.items():
+            print(f"{k:28s} {v}")
 
 
 def _main_pipeline(args) -> int:
@@ -255,11 +260,7 @@ def _main_pipeline(args) -> int:
     layers = [] if any(o.startswith("model.num_layers=") for o in args.overrides) else ["model.num_layers=8"]
     cfg = preset_config(name, [*layers, *args.overrides])
     result = dict(preset=name, **bench_pipeline(cfg, args.pipe, args.steps))
-    if args.json:
-        print(json.dumps(result), flush=True)
-    else:
-        for k, v in result.items():
-            print(f"{k:28s} {v}")
+    _emit(result, args.json)
     print(f"{name}: pipelined step {result['pipelined_over_unpipelined']:.2f}x the unpipelined one; bubble "
           f"{100 * result['bubble_observed']:.1f}% observed, {100 * result['bubble_predicted']:.1f}% predicted "
           f"({result['note']})", file=sys.stderr, flush=True)

@@ -210,10 +210,8 @@ def pipeline(
     S, R = sched.stages, sched.repeats
     params = stage_params(layer_params, sched, param_names, keep_split_over_data=gather == "layer")
     layer_ids = _stage_major(jnp.asarray(sched.slots(), jnp.int32), sched)  # [R, S, k]; -1 = padding
-    stage_names = None if x_names is None else ("stages",) + tuple(x_names)
+    stage_names = ("stages",) + (tuple(x_names) if x_names is not None else (None,) * (xs.ndim - 1))
     queue_names = None if x_names is None else (None,) + tuple(x_names)
-    if x_names is None:
-        stage_names = ("stages",) + (None,) * (xs.ndim - 1)
 
     def run_group(group_params, x, extra, ids):
         def one(x, p_and_id):
