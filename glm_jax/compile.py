@@ -42,12 +42,29 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.2f} GiB"
 
 
+def _step_s_at_peak(cfg, pod) -> float:
+    """Model FLOPs of one step (``glm_jax.training.metrics``) over the pod's peak rate."""
+    from glm_jax.training.metrics import flops_per_token  # jax-using: imported once bad input has been refused
+
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    return tokens * flops_per_token(cfg.model, cfg.train.seq_len) / (pod.chips * pod.kind.peak_flops)
+
+
+def _speed(cfg, pod) -> dict:
+    at_peak = _step_s_at_peak(cfg, pod)
+    at_mfu = at_peak / MFU_FOR_ESTIMATE
+    return {
+        "step_s_at_peak": round(at_peak, 4),
+        "step_s_at_50pct_mfu": round(at_mfu, 4),
+        "tokens_per_s_at_50pct_mfu": round(cfg.train.batch_size * cfg.train.seq_len / at_mfu, 1),
+    }
+
+
 def report_tpu(cfg, pod) -> dict:
     # jax-using imports here: --help and bad input answer without starting jax.
     from glm_jax.parallel import distributed
     from glm_jax.parallel.mesh import make_mesh
     from glm_jax.training.aot import DoesNotFit, compile_step
-    from glm_jax.training.metrics import flops_per_token
 
     devices = pod.devices()
     if pod.slices > 1:
@@ -55,10 +72,6 @@ def report_tpu(cfg, pod) -> dict:
     else:
         mesh = make_mesh(cfg.mesh, devices, whole_system=True)
     hbm = pod.kind.hbm_bytes
-    tokens = cfg.train.batch_size * cfg.train.seq_len
-    model_flops = tokens * flops_per_token(cfg.model, cfg.train.seq_len)
-    at_peak = model_flops / (pod.chips * pod.kind.peak_flops)
-    at_mfu = at_peak / MFU_FOR_ESTIMATE
     common = {
         "model": cfg.model.name,
         "topology": pod.name,
@@ -70,6 +83,8 @@ def report_tpu(cfg, pod) -> dict:
         "batch_size": cfg.train.batch_size,
         "seq_len": cfg.train.seq_len,
         "microbatches": cfg.train.microbatches,
+        **_speed(cfg, pod),
+        "estimate": False,
     }
     try:
         step = compile_step(cfg, mesh)
@@ -81,11 +96,7 @@ def report_tpu(cfg, pod) -> dict:
             "fits": False,
             "margin_bytes": None if e.required is None else hbm - e.required,
             "compiler_message": str(e),
-            "step_s_at_peak": round(at_peak, 4),
-            "step_s_at_50pct_mfu": round(at_mfu, 4),
-            "tokens_per_s_at_50pct_mfu": round(tokens / at_mfu, 1),
             "compile_s": round(e.compile_s, 1),
-            "estimate": False,
         }
     m = step.memory
     pipelining = step.trainer.pipelining
@@ -104,23 +115,16 @@ def report_tpu(cfg, pod) -> dict:
         "fits": m.total <= hbm,
         "margin_bytes": hbm - m.total,
         "compiled_flops_per_chip": step.flops,
-        "model_flops_per_chip": model_flops / pod.chips,
-        "step_s_at_peak": round(at_peak, 4),
-        "step_s_at_50pct_mfu": round(at_mfu, 4),
-        "tokens_per_s_at_50pct_mfu": round(tokens / at_mfu, 1),
+        "model_flops_per_chip": _step_s_at_peak(cfg, pod) * pod.kind.peak_flops,
         "compile_s": round(step.compile_s, 1),
-        "estimate": False,
     }
 
 
 def report_gpu(cfg, pod) -> dict:
     from glm_jax.training.sizing import report  # the abstract per-device estimate
-    from glm_jax.training.metrics import flops_per_token
 
     info = report(cfg, pod.chips)
     total = info["per_device_bytes"]["total"]
-    tokens = cfg.train.batch_size * cfg.train.seq_len
-    at_peak = tokens * flops_per_token(cfg.model, cfg.train.seq_len) / (pod.chips * pod.kind.peak_flops)
     return {
         "model": cfg.model.name,
         "topology": pod.name,
@@ -133,9 +137,7 @@ def report_gpu(cfg, pod) -> dict:
         "hbm_bytes": pod.kind.hbm_bytes,
         "fits": total <= pod.kind.hbm_bytes,
         "margin_bytes": pod.kind.hbm_bytes - total,
-        "step_s_at_peak": round(at_peak, 4),
-        "step_s_at_50pct_mfu": round(at_peak / MFU_FOR_ESTIMATE, 4),
-        "tokens_per_s_at_50pct_mfu": round(tokens * MFU_FOR_ESTIMATE / at_peak, 1),
+        **_speed(cfg, pod),
         "estimate": True,
         "note": "an estimate: parameters and AdamW state only (no gradients, activations or temporaries); "
                 "compiling for a GPU needs a GPU",
@@ -172,10 +174,8 @@ def _print(r: dict) -> None:
 def estimated_step_s(cfg, pod) -> float:
     """Model FLOPs at 50% MFU, times the remat recompute, over the pipeline's non-bubble share."""
     from glm_jax.training import pipeline_plan  # jax-using: imported once bad input has been refused
-    from glm_jax.training.metrics import flops_per_token
 
-    tokens = cfg.train.batch_size * cfg.train.seq_len
-    t = tokens * flops_per_token(cfg.model, cfg.train.seq_len) / (pod.chips * pod.kind.peak_flops * MFU_FOR_ESTIMATE)
+    t = _step_s_at_peak(cfg, pod) / MFU_FOR_ESTIMATE
     plan = pipeline_plan.plan(cfg, cfg.mesh.axis_sizes(pod.chips))
     bubble = plan.schedule(cfg.model.num_layers).bubble if plan.active else 0.0
     return t * RECOMPUTE[cfg.model.remat_policy] / (1.0 - bubble)

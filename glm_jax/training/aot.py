@@ -19,7 +19,6 @@ from jax.sharding import Mesh
 
 from glm_jax.config import Config
 from glm_jax.data.pipeline import abstract_batch
-from glm_jax.training import pipeline_plan
 from glm_jax.training.loop import check_batch_sizes
 from glm_jax.training.trainer import Trainer
 
@@ -84,10 +83,8 @@ def compile_step(cfg: Config, mesh: Mesh) -> CompiledStep:
     """Compile the train step of ``cfg`` for ``mesh`` at the full ``train.batch_size``.
     Config errors (batch, pipeline) are raised before any compile, as the trainer would;
     :class:`DoesNotFit` when the compiler refuses the step for lack of memory."""
-    sizes = dict(mesh.shape)
-    check_batch_sizes(cfg, sizes["data"])
-    pipeline_plan.plan(cfg, sizes)
-    trainer = Trainer.build(cfg, mesh)
+    check_batch_sizes(cfg, dict(mesh.shape)["data"])
+    trainer = Trainer.build(cfg, mesh)  # checks the pipeline plan
     batch = abstract_batch(cfg, cfg.train.batch_size)
     t = time.perf_counter()
     lowered = trainer.train_step.lower(trainer.abstract_state(), batch)
