@@ -13,6 +13,11 @@ the model-FLOPs formula, the step time at the chip's peak and at 50% MFU, tokens
 the pod, and the compile time. GPU clusters (``h100:64``...) cannot be compiled for
 without a GPU: for them the abstract estimate of ``glm_jax.info`` is printed, labelled.
 
+``--save PATH`` writes the compiled step (when it fits) for ``python -m glm_jax.train
+train.compiled_step=PATH``, which loads it on the pod instead of compiling, and refuses it
+when the config, jax/libtpu, glm_jax's code or the mesh differ
+(``glm_jax.checkpoint.compiled_step``).
+
 ``--search`` tries remat policies x gradient-accumulation microbatches x parameter
 sharding (x pipeline microbatches and FSDP gathering with ``mesh.pipe`` > 1) around the
 given config, in order of estimated step time, compiling each until ``--search-fits``
@@ -60,7 +65,7 @@ def _speed(cfg, pod) -> dict:
     }
 
 
-def report_tpu(cfg, pod) -> dict:
+def report_tpu(cfg, pod, save: Optional[str] = None) -> dict:
     # jax-using imports here: --help and bad input answer without starting jax.
     from glm_jax.parallel import distributed
     from glm_jax.parallel.mesh import make_mesh
@@ -100,6 +105,12 @@ def report_tpu(cfg, pod) -> dict:
         }
     m = step.memory
     pipelining = step.trainer.pipelining
+    fits = m.total <= hbm
+    saved = None
+    if save and fits:
+        print(f"glm_jax.compile: saving the compiled step to {save} ...", file=sys.stderr, flush=True)
+        size = step.save(save, {"topology": pod.name, "slices": pod.slices, "per_chip_bytes": m.total, "hbm_bytes": hbm})
+        saved = {"path": save, "executable_bytes": size}
     return {
         **common,
         "pipeline_microbatches": pipelining.microbatches if pipelining.active else 0,
@@ -112,11 +123,12 @@ def report_tpu(cfg, pod) -> dict:
             "total": m.total,
         },
         "hbm_bytes": hbm,
-        "fits": m.total <= hbm,
+        "fits": fits,
         "margin_bytes": hbm - m.total,
         "compiled_flops_per_chip": step.flops,
         "model_flops_per_chip": _step_s_at_peak(cfg, pod) * pod.kind.peak_flops,
         "compile_s": round(step.compile_s, 1),
+        **({"saved": saved} if save else {}),
     }
 
 
@@ -169,6 +181,9 @@ def _print(r: dict) -> None:
         print(verdict)
     else:
         print(f"{verdict}  {'margin' if r['fits'] else 'short by'} {_gib(abs(r['margin_bytes']))} per chip")
+    if "saved" in r:
+        print(f"saved        {r['saved']['path']} ({r['saved']['executable_bytes'] / 2**20:,.1f} MiB executable)"
+              if r["saved"] else "saved        nothing: the step does not fit")
 
 
 def estimated_step_s(cfg, pod) -> float:
@@ -220,7 +235,7 @@ def search(args, pod) -> int:
     rows, fits = [], 0
     for est, _, overrides, cfg in candidates:
         print(f"glm_jax.compile: trying {' '.join(overrides)} (est. {est:.3f} s) ...", file=sys.stderr, flush=True)
-        r = report_tpu(cfg, pod)
+        r = report_tpu(cfg, pod, save=None if fits else args.save)  # --save keeps the fastest that fits
         rows.append({"overrides": overrides, "fits": r["fits"], "total_bytes": r["per_chip_bytes"]["total"],
                      "est_step_s": round(est, 4), "compile_s": r["compile_s"]})
         fits += r["fits"]
@@ -230,7 +245,8 @@ def search(args, pod) -> int:
     command = None
     if best:
         config = f"--config {args.config} " if args.config else ""
-        command = "python -m glm_jax.train " + config + " ".join([*args.overrides, *best["overrides"]])
+        saved = [f"train.compiled_step={args.save}"] if args.save else []
+        command = "python -m glm_jax.train " + config + " ".join([*args.overrides, *best["overrides"], *saved])
     if args.json:
         print(json.dumps({"topology": pod.name, "tried": rows, "untried": len(candidates) - len(rows), "train_command": command}))
     else:
@@ -253,23 +269,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--search", action="store_true",
                         help="try remat x accumulation x sharding (x pipeline) variants, fastest estimate first")
     parser.add_argument("--search-fits", type=int, default=1, help="with --search: stop after this many fit (default 1)")
+    parser.add_argument("--save", metavar="PATH",
+                        help="write the compiled step (if it fits; with --search, the fastest that fits) to the directory "
+                             "PATH, for python -m glm_jax.train train.compiled_step=PATH on the pod")
     args = parser.parse_args(argv)
     cfg = cli.config_from_args(args)
+    if cfg.train.compiled_step:
+        raise cli.ConfigError("train.compiled_step names a step to load when training; to write one, use --save PATH")
     from glm_jax.parallel import topology  # jax-free parsing: bad names fail fast
 
     pod = topology.parse(args.topology, args.num_slices)
     cfg.mesh.axis_sizes(pod.chips)  # the mesh must match the pod's chips: one line, exit 2
+    if args.save and not pod.kind.tpu:
+        raise cli.ConfigError("--save needs a TPU topology: compiling for a GPU cluster needs its GPUs")
     print(f"glm_jax.compile: {cfg.model.name} for {pod.name}"
           + (f" x {pod.slices}" if pod.slices > 1 else "") + " ...", file=sys.stderr, flush=True)
     if args.search:
         if not pod.kind.tpu:
             raise cli.ConfigError("--search compiles, which needs a TPU topology; GPU clusters get only the estimate")
         return search(args, pod)
-    r = report_tpu(cfg, pod) if pod.kind.tpu else report_gpu(cfg, pod)
+    r = report_tpu(cfg, pod, args.save) if pod.kind.tpu else report_gpu(cfg, pod)
+    if r.get("saved"):
+        config = f"--config {args.config} " if args.config else ""
+        r["train_command"] = f"python -m glm_jax.train {config}" + " ".join([*args.overrides, f"train.compiled_step={args.save}"])
     if args.json:
         print(json.dumps(r))
     else:
         _print(r)
+        if r.get("train_command"):
+            print(r["train_command"])
     return 0 if r["fits"] else 1
 
 

@@ -250,6 +250,10 @@ class TrainConfig:
     # Resuming a workdir whose saved model/data config differs from this one is refused
     # (its checkpoints belong to another run); true says the change is intended.
     allow_config_change: bool = False
+    # A step compiled ahead of time (``python -m glm_jax.compile ... --save PATH``): the run
+    # loads it instead of compiling, and refuses it when the config, jax/libtpu, glm_jax's
+    # code or the mesh differ from what it was compiled for. A local path or gs://.
+    compiled_step: Optional[str] = None
 
     def validate(self) -> None:
         for key in ("checkpoint_every", "eval_every", "rollback_after", "pipeline_microbatches"):
@@ -566,15 +570,31 @@ RESUME_NEUTRAL_KEYS = frozenset({
 })
 
 
-def differences(old: Config, new: Config, sections: Sequence[str] = ("model", "data")) -> list[str]:
+# Keys of model/mesh/train/data that do not enter the compiled train step: a step compiled
+# ahead of time (train.compiled_step) serves runs that differ only in these (and in
+# workdir). Everything else (the model, the mesh, the optimizer and its schedule, the
+# batch) is compiled into the step. Of the data keys only data.pack shapes the batch; the
+# rest choose what fills it.
+STEP_NEUTRAL_KEYS = frozenset({
+    "model.name",
+    *(f"train.{k}" for k in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches",
+                            "batch_size_start", "batch_size_increment", "rampup_samples", "rollback_after",
+                            "spike_factor", "tensorboard", "compile_cache", "allow_config_change", "compiled_step")),
+    *(f"data.{f.name}" for f in dataclasses.fields(DataConfig) if f.name != "pack"),
+})
+
+
+def differences(old: Config, new: Config, sections: Sequence[str] = ("model", "data"),
+                neutral: frozenset = RESUME_NEUTRAL_KEYS) -> list[str]:
     """``section.key: old -> new`` for every key of ``sections`` whose value differs,
-    leaving out those that cannot change what a run computes (RESUME_NEUTRAL_KEYS)."""
+    leaving out those that cannot change what is compared (``neutral``: by default
+    RESUME_NEUTRAL_KEYS, those that cannot change what a run computes)."""
     out = []
     for section in sections:
         a, b = dataclasses.asdict(getattr(old, section)), dataclasses.asdict(getattr(new, section))
         for key in a:
             full = f"{section}.{key}"
-            if a[key] != b[key] and full not in RESUME_NEUTRAL_KEYS:
+            if a[key] != b[key] and full not in neutral:
                 out.append(f"{full}: {a[key]!r} -> {b[key]!r}")
     return out
 

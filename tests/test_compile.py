@@ -10,6 +10,7 @@ import jax
 import pytest
 
 from glm_jax import compile as compile_cli
+from glm_jax.checkpoint import compiled_step
 from glm_jax.config import ConfigError, load_config
 from glm_jax.parallel import topology
 from glm_jax.parallel.mesh import make_mesh
@@ -27,8 +28,9 @@ def run(*args):
                           text=True, timeout=600)
 
 
-def test_a_small_config_fits_a_v5e_8_and_its_state_bytes_are_the_cpu_compiles(capsys):
-    assert compile_cli.main(["--config", "glm-large", "--topology", "v5e-8", "--json", *SMALL]) == 0
+def test_a_small_config_fits_a_v5e_8_and_its_state_bytes_are_the_cpu_compiles(capsys, tmp_path):
+    saved = str(tmp_path / "v5e-8-step")
+    assert compile_cli.main(["--config", "glm-large", "--topology", "v5e-8", "--json", "--save", saved, *SMALL]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["fits"] and r["chips"] == 8 and r["mesh"] == {"data": 4, "pipe": 1, "model": 2} and not r["estimate"]
     b = r["per_chip_bytes"]
@@ -39,9 +41,20 @@ def test_a_small_config_fits_a_v5e_8_and_its_state_bytes_are_the_cpu_compiles(ca
     # same sharded state: argument and output bytes agree (temporaries are the backend
     # compiler's own choice, and differ).
     cfg = load_config("glm-large", SMALL)
-    cpu = compile_step(cfg, make_mesh(cfg.mesh, jax.devices()[:8])).memory
+    cpu_mesh = make_mesh(cfg.mesh, jax.devices()[:8])
+    cpu = compile_step(cfg, cpu_mesh).memory
     assert b["arguments"] == pytest.approx(cpu.arguments, rel=0.01)
     assert b["outputs"] == pytest.approx(cpu.outputs, rel=0.01)
+
+    # --save wrote the TPU executable for the pod, with what it was compiled for.
+    assert r["saved"]["path"] == saved and r["saved"]["executable_bytes"] > 0
+    assert r["train_command"] == "python -m glm_jax.train --config glm-large " + " ".join(SMALL) + f" train.compiled_step={saved}"
+    manifest = json.load(open(os.path.join(saved, compiled_step.MANIFEST)))
+    assert manifest["runtime"]["platform"] == "tpu" and "v5" in manifest["runtime"]["device_kind"].lower()
+    assert manifest["runtime"]["libtpu"] and manifest["mesh"]["axes"] == r["mesh"]
+    assert manifest["compiled_for"]["topology"] == "v5e-8" and manifest["compiled_for"]["per_chip_bytes"] == b["total"]
+    with pytest.raises(compiled_step.CompiledStepError, match="platform 'tpu' -> 'cpu'"):  # this host is no v5e
+        compiled_step.load(saved, cfg, cpu_mesh)
 
 
 def test_a_config_that_cannot_fit_does_not_fit_with_exit_1():
@@ -67,8 +80,11 @@ def test_gpu_clusters_get_the_labelled_estimate():
         (["--topology", "v5e-8", "mesh.data=3"], "error: mesh: mesh.data=3 x mesh.pipe=1 x mesh.model=1 = 3 devices, but 8 are available"),
         (["--topology", "v5e-8", "model.num_layers=0"], "error: model.num_layers must be > 0, got 0"),
         (["--topology", "v4-3"], "error: --topology v4-3: v4 names count TensorCores, 2 per chip"),
+        (["--topology", "h100:8", "--save", "x"], "error: --save needs a TPU topology"),
+        (["--topology", "v5e-8", "train.compiled_step=x"], "error: train.compiled_step names a step to load when training"),
     ],
-    ids=["unknown-topology", "mesh-does-not-match-the-chips", "config-error", "odd-core-count"],
+    ids=["unknown-topology", "mesh-does-not-match-the-chips", "config-error", "odd-core-count", "save-for-gpus",
+         "compiled-step-given-to-compile"],
 )
 def test_bad_input_is_one_line(args, message):
     r = run("--config", "glm-large", *args)

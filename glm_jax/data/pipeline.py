@@ -92,7 +92,7 @@ def abstract_batch(cfg: Config, rows: int) -> Batch:
         return jax.ShapeDtypeStruct(shape, dtype)
 
     positions = spec(rows, 2, length) if cfg.model.two_d_positions else spec(rows, length)
-    packed = cfg.data.pack
+    packed = cfg.data.pack and cfg.data.mixture != "synthetic"  # the synthetic task never packs
     return Batch(
         tokens=spec(rows, length),
         positions=positions,

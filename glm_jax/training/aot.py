@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from jax.sharding import Mesh
 
+from glm_jax.checkpoint import compiled_step
 from glm_jax.config import Config
 from glm_jax.data.pipeline import abstract_batch
 from glm_jax.training.loop import check_batch_sizes
@@ -77,6 +78,11 @@ class CompiledStep:
     flops: Optional[float]  # per device, from XLA's cost analysis (None if it gives none)
     compile_s: float
     trainer: Trainer
+
+    def save(self, path: str, compiled_for: Optional[dict] = None) -> int:
+        """Write the executable for ``train.compiled_step=path`` (checkpoint/compiled_step);
+        returns its bytes."""
+        return compiled_step.save(path, self.compiled, self.trainer.cfg, self.trainer.mesh, compiled_for)
 
 
 def compile_step(cfg: Config, mesh: Mesh) -> CompiledStep:

@@ -141,6 +141,9 @@ class TrainingRun:
             enable_compile_cache(workdir / directory.COMPILE_CACHE)
         mesh = self._mesh()
         self.trainer = Trainer.build(cfg, mesh)
+        if self.trainer.precompiled:
+            log(f"glm_jax.train: train step loaded from {cfg.train.compiled_step} "
+                f"({self.trainer.precompiled.describe()}); batches of its shape run without compiling")
         self.shard_index, self.shard_count = distributed.data_shard(mesh)
         self.ckpt = self.trainer.checkpointer(str(workdir)) if workdir else None
         if workdir is None:

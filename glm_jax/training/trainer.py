@@ -22,8 +22,10 @@ import jax
 import optax
 from jax.sharding import Mesh
 
+from glm_jax.checkpoint import compiled_step
 from glm_jax.checkpoint.train_state import Checkpointer, Restored, abstract_with_shardings
 from glm_jax.config import Config
+from glm_jax.data.pipeline import abstract_batch
 from glm_jax.model import GLM
 from glm_jax.training import pipeline_plan
 from glm_jax.training import state as train_state
@@ -49,6 +51,7 @@ class Trainer:
     shardings: TrainState
     train_step: Callable
     eval_step: Callable
+    precompiled: Optional[compiled_step.LoadedStep] = None
 
     @classmethod
     def build(cls, cfg: Config, mesh: Mesh) -> "Trainer":
@@ -56,7 +59,7 @@ class Trainer:
         model = GLM(cfg.model, deterministic=False, pipelining=pipelining)
         optimizer = make_optimizer(cfg.train)
         shardings = train_state.state_shardings(cfg, model, optimizer, mesh)
-        return cls(
+        trainer = cls(
             cfg=cfg,
             mesh=mesh,
             model=model,
@@ -65,6 +68,11 @@ class Trainer:
             train_step=train_state.make_train_step(cfg, model, optimizer, mesh, shardings),
             eval_step=train_state.make_eval_step(GLM(cfg.model, pipelining=pipelining), mesh, shardings, cfg.train.loss_vocab_chunks),
         )
+        if cfg.train.compiled_step:  # a step compiled ahead of time replaces the first compile
+            loaded = compiled_step.load(cfg.train.compiled_step, cfg, mesh)
+            loaded.check_arguments(trainer.abstract_state(), abstract_batch(cfg, cfg.train.batch_size))
+            trainer.precompiled, trainer.train_step = loaded, loaded.dispatch(trainer.train_step)
+        return trainer
 
     @property
     def pipelining(self):
