@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 from glm_jax.cli import run_main
 from glm_jax.inference import cli
 from glm_jax.inference.sampling import CHATGLM_CHAT
-from glm_jax.inference.text import chat_prompt
+from glm_jax.data.chat import chat_prompt
 
 STREAM_CHUNK = 4  # tokens per device call while streaming
 # The prompt (history + query) grows every round; left-padded to a multiple of this, rounds

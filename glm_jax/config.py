@@ -250,6 +250,11 @@ class TrainConfig:
     # Resuming a workdir whose saved model/data config differs from this one is refused
     # (its checkpoints belong to another run); true says the change is intended.
     allow_config_change: bool = False
+    # Start from these parameters (a params directory from python -m glm_jax.convert, or
+    # another run's workdir, its newest checkpoint) with a fresh optimizer and schedule:
+    # fine-tuning. Any mesh; stored dtypes are cast to model.param_dtype. A workdir that
+    # already holds checkpoints resumes from them instead.
+    init_from: Optional[str] = None
     # A step compiled ahead of time (``python -m glm_jax.compile ... --save PATH``): the run
     # loads it instead of compiling, and refuses it when the config, jax/libtpu, glm_jax's
     # code or the mesh differ from what it was compiled for. A local path or gs://.
@@ -322,7 +327,7 @@ def parse_source(spec: str, key: str) -> SourceSpec:
 class DataConfig:
     """Training data: a GLM mixture over a corpus (see glm_jax/data/tasks.py)."""
 
-    mixture: Literal["glm130b", "glm-original", "mask", "smask", "gmask", "instructions", "synthetic"] = "glm130b"
+    mixture: Literal["glm130b", "glm-original", "mask", "smask", "gmask", "instructions", "chat", "synthetic"] = "glm130b"
     corpus: str = "stdlib"  # stdlib | text:GLOB | jsonl:GLOB[:FIELD] | tfds:NAME
     instructions: str = "stdlib"  # stdlib | jsonl:GLOB (prompt/response) | none
     vocab: Optional[str] = None  # SentencePiece model; None = trained on the default corpus and cached
@@ -341,6 +346,19 @@ class DataConfig:
     # Longer documents are cut into pieces of at most this many characters as they are read
     # (bounded memory whatever the input; one line of a text file is one document).
     max_document_chars: int = 20_000
+    # mixture=chat, fine-tuning on conversations (glm_jax/data/chat.py): JSON lines with a
+    # prompt, a response and optionally a history of [query, answer] rounds, laid out as
+    # prompt [gMASK] <sop> response <eop> with the loss on <sop>, the response and <eop>.
+    # chat_validation: held-out conversations (default: a hashed 5% of data.chat).
+    chat: str = "none"  # stdlib (questions about the default corpus) | jsonl:GLOB | none
+    chat_validation: str = "none"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    history_field: str = "history"  # "" = the data has none
+    # Prompt ids are cut to max_source_len - 1 and response ids to max_target_len - 2, the
+    # authors' rule (0: half of train.seq_len each).
+    max_source_len: int = 0
+    max_target_len: int = 0
 
     def validate(self) -> None:
         parse_source(self.corpus, "data.corpus")
@@ -356,6 +374,23 @@ class DataConfig:
         _require(self.vocab_id_offset >= 0, f"data.vocab_id_offset must be >= 0, got {self.vocab_id_offset}")
         _require(self.synthetic_vocab_size > 0, f"data.synthetic_vocab_size must be > 0, got {self.synthetic_vocab_size}")
         _require(self.max_document_chars >= 1000, f"data.max_document_chars must be >= 1000, got {self.max_document_chars}")
+        for key in ("chat", "chat_validation"):
+            spec = getattr(self, key)
+            _require(spec in ("stdlib", "none") or (spec.startswith("jsonl:") and len(spec) > 6),
+                     f"data.{key}={spec!r} is not valid; use jsonl:GLOB, stdlib or none")
+        _require(self.mixture != "chat" or self.chat != "none",
+                 "data.mixture=chat needs data.chat=jsonl:GLOB (or stdlib for the built-in questions)")
+        for key in ("prompt_field", "response_field"):
+            _require(bool(getattr(self, key)), f"data.{key} must name a JSON field")
+        _require(self.max_source_len == 0 or self.max_source_len >= 2,
+                 f"data.max_source_len must be 0 (half of train.seq_len) or >= 2, got {self.max_source_len}")
+        _require(self.max_target_len == 0 or self.max_target_len >= 3,
+                 f"data.max_target_len must be 0 (half of train.seq_len) or >= 3, got {self.max_target_len}")
+
+    def chat_lengths(self, seq_len: int) -> tuple[int, int]:
+        """(max_source_len, max_target_len) with the defaults filled in."""
+        source = self.max_source_len or seq_len // 2
+        return source, self.max_target_len or seq_len - source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,6 +410,11 @@ class Config:
             self.train.seq_len <= self.model.max_seq_len,
             f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})",
         )
+        if self.data.mixture == "chat":
+            source, target = self.data.chat_lengths(self.train.seq_len)
+            _require(source + target <= self.train.seq_len,
+                     f"data.max_source_len ({source}) + data.max_target_len ({target}) exceed train.seq_len "
+                     f"({self.train.seq_len}), the row they share")
         chunks = self.train.loss_vocab_chunks
         _require(
             self.model.vocab_size % chunks == 0,
@@ -570,6 +610,15 @@ RESUME_NEUTRAL_KEYS = frozenset({
 })
 
 
+# Model keys in which a run may differ from the checkpoint it starts from
+# (train.init_from): how it computes and regularises, not what the weights mean.
+# Parameter shapes are compared separately (max_seq_len sizes learned position tables).
+INIT_FROM_NEUTRAL_KEYS = RESUME_NEUTRAL_KEYS | frozenset({
+    "model.name", "model.attention_dropout", "model.hidden_dropout", "model.dtype", "model.param_dtype", "model.init",
+    "model.init_std", "model.embedding_grad_shrink", "model.max_seq_len",
+})
+
+
 # Keys of model/mesh/train/data that do not enter the compiled train step: a step compiled
 # ahead of time (train.compiled_step) serves runs that differ only in these (and in
 # workdir). Everything else (the model, the mesh, the optimizer and its schedule, the
@@ -579,7 +628,8 @@ STEP_NEUTRAL_KEYS = frozenset({
     "model.name",
     *(f"train.{k}" for k in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches",
                             "batch_size_start", "batch_size_increment", "rampup_samples", "rollback_after",
-                            "spike_factor", "tensorboard", "compile_cache", "allow_config_change", "compiled_step")),
+                            "spike_factor", "tensorboard", "compile_cache", "allow_config_change", "compiled_step",
+                            "init_from")),
     *(f"data.{f.name}" for f in dataclasses.fields(DataConfig) if f.name != "pack"),
 })
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from glm_jax.checkpoint import authors_layout, directory, store
 from glm_jax.checkpoint.directory import Source
-from glm_jax.config import Config, ConfigError, ModelConfig, TrainConfig, dump_config, load_config
+from glm_jax.config import (INIT_FROM_NEUTRAL_KEYS, Config, ConfigError, ModelConfig, TrainConfig, differences,
+                            dump_config, load_config)
 from glm_jax.errors import CheckpointError, UnreadableCheckpoint, one_line
 
 Path = tuple[str, ...]
@@ -105,6 +106,43 @@ def open_params(source: Source) -> StoredParams:
             f"{source.describe()}: parameter {'/'.join(extra[0])} is not part of the model {directory.CONFIG} describes"
         )
     return StoredParams(source, run_config, reader, want)
+
+
+def read_onto(stored: StoredParams, targets: dict) -> dict:
+    """The stored parameters as jax arrays laid out like ``targets`` (a tree of
+    ``jax.ShapeDtypeStruct`` with shardings, the model's parameter tree): each process reads
+    only the regions its own devices hold, cast to the target dtype."""
+    import jax  # here, not at module level: the converters' exporters use this module without jax
+
+    def one(key_path, target):
+        path = tuple(str(k.key) for k in key_path)
+        if stored.shapes.get(path) != tuple(target.shape):
+            raise CheckpointError(
+                f"{stored.source.describe()}: parameter {'/'.join(path)} is "
+                f"{list(stored.shapes[path]) if path in stored.shapes else 'missing'}, this model's is {list(target.shape)}"
+            )
+        array = stored.array(path)
+        return jax.make_array_from_callback(
+            target.shape, target.sharding, lambda index: np.asarray(array[index].read().result()).astype(target.dtype))
+
+    return jax.tree_util.tree_map_with_path(one, targets)
+
+
+def open_for_init(path: str, cfg: ModelConfig) -> StoredParams:
+    """The parameters ``train.init_from=path`` names (a params directory, or a workdir's
+    newest checkpoint), refused when their model differs from ``cfg`` in a key that
+    changes what the weights mean (``INIT_FROM_NEUTRAL_KEYS`` may differ)."""
+    stored = open_params(directory.resolve(path))
+    changed = differences(Config(model=stored.config), Config(model=cfg), sections=("model",),
+                          neutral=INIT_FROM_NEUTRAL_KEYS)
+    if changed:
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise CheckpointError(
+            f"train.init_from={path}: its model differs from this run's ({'; '.join(changed[:3])}{more}); "
+            f"start from its own config (--config {os.path.join(path, directory.CONFIG)}) and override what may "
+            "differ (dropout, dtypes, remat, attention kernel)"
+        )
+    return stored
 
 
 def stored_bits(source: Source) -> int:

@@ -332,6 +332,33 @@ def prompt_block(text, splits, prompt_lens: np.ndarray, ids: SpecialIds) -> Bloc
     return layout(text, splits, spans, ids.gmask, ids, "gmask")
 
 
+def chat_block(prompts, prompt_splits, responses, response_splits, ids: SpecialIds, max_source: int,
+               max_target: int) -> tuple[Block, dict[str, int]]:
+    """Conversations as the authors fine-tune on them (ChatGLM-6B ``ptuning/main.py``):
+    prompt ids cut to their first ``max_source - 1`` and response ids to their first
+    ``max_target - 2``, then ``prompt [gMASK] <sop> response <eop>`` with Part A ending at
+    ``[gMASK]``. The loss covers ``<sop>`` (predicted at ``[gMASK]``), the response and
+    ``<eop>``. The authors also feed ``<eop>`` as the last input token; it predicts
+    nothing and, last under the causal mask, changes nothing, so here it is a target only.
+    A pair whose response has no tokens stays empty. Also returns counts:
+    ``chat_examples``, ``cut_prompts``, ``cut_responses``, ``empty_documents``."""
+    p_splits, r_splits = np.asarray(prompt_splits, np.int64), np.asarray(response_splits, np.int64)
+    p_n, r_n = np.diff(p_splits), np.diff(r_splits)
+    r_len = np.minimum(r_n, max_target - 2)
+    p_len = np.where(r_len > 0, np.minimum(p_n, max_source - 1), 0)
+    counts = {"chat_examples": int(len(p_n)), "cut_prompts": int(np.sum((p_n > p_len) & (r_len > 0))),
+              "cut_responses": int(np.sum(r_n > r_len)), "empty_documents": int(np.sum(r_n == 0))}
+    prompts = np.asarray(prompts, np.int32)
+    starts = np.stack([p_splits[:-1], r_splits[:-1] + len(prompts)], axis=1).ravel()
+    pieces = np.stack([p_len, r_len], axis=1).ravel()
+    text = np.concatenate([prompts, np.asarray(responses, np.int32)])[concat_ranges(starts, pieces)]
+    block = prompt_block(text, np.concatenate([[0], np.cumsum(p_len + r_len)]), p_len, ids)
+    at_gmask = (block.offsets + block.prefix_lens - 1)[block.lengths > 0]
+    block.targets[at_gmask] = ids.sop
+    block.loss_weights[at_gmask] = 1.0
+    return block, counts
+
+
 def _one(text) -> tuple[np.ndarray, np.ndarray]:
     text = np.asarray(text, np.int32)
     return text, np.array([0, len(text)], np.int64)

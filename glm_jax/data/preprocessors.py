@@ -175,3 +175,16 @@ def instruction(ids: inf.SpecialIds, *, one_d: bool, max_len: int):
         return _features(inf.prompt_block(text, splits, p_len, ids), one_d)
 
     return _per_block(make, ("prompt", "response"), with_seed=False)
+
+
+def chat(ids: inf.SpecialIds, *, one_d: bool, max_source: int, max_target: int, count: Callable[[str, int], None]):
+    """Tokenized (prompt, response) pairs laid out by ``infilling.chat_block`` (the authors'
+    fine-tuning layout); ``count(name, n)`` receives what each block cut or dropped."""
+
+    def make(values, splits):
+        block, counts = inf.chat_block(values[0], splits[0], values[1], splits[1], ids, max_source, max_target)
+        for what, n in counts.items():
+            count(what, n)
+        return _features(block, one_d)
+
+    return _per_block(make, ("prompt", "response"), with_seed=False)

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 from glm_jax.config import Config, ConfigError, DataConfig, SourceSpec, parse_source
-from glm_jax.data import corpus
+from glm_jax.data import chat, corpus
 from glm_jax.data import infilling as inf
 from glm_jax.data import preprocessors as prep
 
@@ -51,6 +52,7 @@ MIXTURES = {
     "smask": {"smask": 1.0},
     "gmask": {"gmask": 1.0},
     "instructions": {"instructions": 1.0},
+    "chat": {"chat": 1.0},  # fine-tuning on data.chat alone (register builds it apart)
 }
 GMASK_MIN_RATIO = {"glm-original": 0.5}  # else 0.2, GLM-130B's
 READ_BLOCK = prep.BLOCK  # documents per Python -> TensorFlow hand-over
@@ -71,7 +73,8 @@ def _in_split(doc: str, split: str) -> bool:
 
 
 def read_lines(files: list[str], *, fmt: str, fields: tuple[str, ...], split: str, escaped: bool = False,
-               split_by_hash: bool = True, max_chars: int = 0) -> Iterator[tuple[str, ...]]:
+               split_by_hash: bool = True, max_chars: int = 0,
+               parse: Optional[Callable[[object], Union[tuple[str, ...], str]]] = None) -> Iterator[tuple[str, ...]]:
     """Documents (or field tuples) from files, one per line. Never stops early on bad input:
     unreadable and binary files, invalid JSON, missing fields and empty documents are
     skipped and counted in STATS; invalid UTF-8 is replaced (U+FFFD) and counted.
@@ -80,7 +83,8 @@ def read_lines(files: list[str], *, fmt: str, fields: tuple[str, ...], split: st
     pieces of at most that many characters (at whitespace where it can), counted as
     ``cut_documents``; a longer field tuple (instructions) is skipped as
     ``oversized_documents``. Counts are taken on the first pass over each file only, so
-    they do not grow as the data repeats.
+    they do not grow as the data repeats. ``parse`` (JSON lines): the values of a parsed
+    line, or the STATS key of the reason it is skipped; by default ``fields``' strings.
     """
     import tensorflow as tf
 
@@ -127,11 +131,17 @@ def read_lines(files: list[str], *, fmt: str, fields: tuple[str, ...], split: st
                     continue
                 try:
                     obj = json.loads(line)
-                    values = tuple(obj[k] for k in fields)
-                    if not all(isinstance(v, str) for v in values):
-                        raise TypeError
+                    if parse is None:
+                        values = tuple(obj[k] for k in fields)
+                        if not all(isinstance(v, str) for v in values):
+                            raise TypeError
+                    else:
+                        values = parse(obj)
                 except (ValueError, KeyError, TypeError, RecursionError):
                     skips["unreadable_documents"] += 1
+                    continue
+                if isinstance(values, str):
+                    skips[values] += 1
                     continue
             else:
                 values = (corpus.unescape(line) if escaped else line,)
@@ -183,20 +193,98 @@ def reset_stats() -> None:
     _COUNTED.clear()
 
 
+READ_COUNTS = frozenset({"documents", "chat_examples"})  # what was read, not skipped or changed
+
+
 def skipped_input() -> dict[str, int]:
     """What the readers passed over or changed so far (files, documents), by reason."""
-    return {k: v for k, v in STATS.items() if k != "documents" and v}
+    return {k: v for k, v in STATS.items() if k not in READ_COUNTS and v}
 
 
 def check_sources(d: DataConfig) -> None:
-    """Fail fast (ConfigError) when a source names files that do not exist: checked before
-    any model is built, rather than when the first batch is read."""
+    """Fail fast (ConfigError) when a source names files that do not exist, or chat files
+    with no usable conversation: checked before anything is built or written, rather than
+    when the first batch is read."""
+    if d.mixture == "chat":
+        for key in ("chat", "chat_validation"):
+            if getattr(d, key).startswith("jsonl:"):
+                _check_chat_files(d, key)
+        return
     for spec in (parse_source(d.corpus, "data.corpus"), parse_source(d.instructions, "data.instructions")):
         if spec.kind in ("text", "jsonl"):
             _glob(spec.pattern)
 
 
-def _text_source(spec: SourceSpec, fields: tuple[str, ...], max_chars: int = 0):
+def _chat_parser(d: DataConfig) -> Callable:
+    return functools.partial(chat.read_example, prompt_field=d.prompt_field, response_field=d.response_field,
+                             history_field=d.history_field)
+
+
+def _check_chat_files(d: DataConfig, key: str) -> None:
+    """ConfigError unless the chat files of ``data.<key>`` hold a usable line; reads only
+    up to the first one."""
+    import tensorflow as tf
+
+    pattern = getattr(d, key)[len("jsonl:"):]
+    files, parse, reasons = _glob(pattern), _chat_parser(d), collections.Counter()
+    for path in files:
+        try:
+            with tf.io.gfile.GFile(path, "rb") as f:
+                for raw in f:
+                    try:
+                        got = parse(json.loads(raw.decode("utf-8", errors="replace")))
+                    except (ValueError, RecursionError):
+                        got = "lines that are not JSON"
+                    if not isinstance(got, str):
+                        return
+                    reasons[got] += 1
+        except (tf.errors.OpError, OSError):
+            reasons["unreadable files"] += 1
+    found = ", ".join(f"{n} {why.replace('_documents', ' lines').replace('_', ' ')}" for why, n in reasons.most_common())
+    raise ConfigError(
+        f"data.{key}={getattr(d, key)}: no usable conversation in {len(files)} file(s) ({found or 'they are empty'}); "
+        f"each line needs string fields data.prompt_field={d.prompt_field!r} and data.response_field="
+        f"{d.response_field!r}, both non-empty" + (f", and data.history_field={d.history_field!r} if present a list "
+                                                    "of [query, answer] pairs" if d.history_field else "")
+    )
+
+
+def _chat_source(d: DataConfig, spell: Callable[[str], str]):
+    """(prompt text, response text) of each conversation, in the authors' format
+    (``glm_jax.data.chat``) and spelled for the vocabulary. Held out: data.chat_validation,
+    or else a hashed share of data.chat."""
+    import seqio
+    import tensorflow as tf
+
+    def files(spec: str) -> list[str]:
+        return [corpus.build()["instructions"]] if spec == "stdlib" else _glob(spec[len("jsonl:"):])
+
+    separate = d.chat_validation != "none"
+    by_split = {"train": files(d.chat), "validation": files(d.chat_validation if separate else d.chat)}
+    parse = _chat_parser(d)
+    fields = ("chat", d.prompt_field, d.response_field, d.history_field)  # the readers' counting key
+
+    def dataset_fn(split, shuffle_files, seed=None):
+        def gen():
+            block = {"prompt": [], "response": []}
+            for prompt, response in read_lines(by_split[split], fmt="jsonl", fields=fields, split=split,
+                                               split_by_hash=not separate, max_chars=d.max_document_chars, parse=parse):
+                block["prompt"].append(spell(prompt))
+                block["response"].append(spell(response))
+                if len(block["prompt"]) == READ_BLOCK:
+                    yield block
+                    block = {"prompt": [], "response": []}
+            if block["prompt"]:
+                yield block
+
+        sig = {k: tf.TensorSpec((None,), tf.string) for k in ("prompt", "response")}
+        return tf.data.Dataset.from_generator(gen, output_signature=sig)
+
+    return seqio.FunctionDataSource(dataset_fn, splits=["train", "validation"])
+
+
+def _text_source(spec: SourceSpec, fields: tuple[str, ...], max_chars: int = 0,
+                 spell: Callable[[str], str] = lambda text: text):
     import seqio
     import tensorflow as tf
 
@@ -223,7 +311,7 @@ def _text_source(spec: SourceSpec, fields: tuple[str, ...], max_chars: int = 0):
             for values in read_lines(files[split], fmt=fmt, fields=json_fields, split=split, escaped=escaped,
                                      split_by_hash=by_hash, max_chars=max_chars):
                 for k, v in zip(keys, values):
-                    block[k].append(v)
+                    block[k].append(spell(v))
                 if len(block[keys[0]]) == READ_BLOCK:
                     yield block
                     block = {k: [] for k in keys}
@@ -293,9 +381,28 @@ def register(cfg: Config, vocab) -> str:
     length = cfg.train.seq_len
     one_d = not m.two_d_positions
     ids = inf.SpecialIds.from_model(m)
-    rates = mixture_rates(cfg)
     key = hashlib.sha1(json.dumps([dataclasses.asdict(d), dataclasses.asdict(m), length, vocab.path]).encode()).hexdigest()[:10]
     feats = _output_features(m.vocab_size)
+    if d.mixture == "chat":
+        source, target = d.chat_lengths(length)
+        name = f"glm.{key}.chat"
+        _add(
+            seqio.Task(
+                name,
+                _chat_source(d, vocab.spell),
+                output_features=feats,
+                preprocessors=[
+                    prep.as_blocks(("prompt", "response")),
+                    prep.tokenize(vocab.encode_tf, ("prompt", "response"), ("prompt", "response")),
+                    prep.chat(ids, one_d=one_d, max_source=source, max_target=target,
+                              count=lambda what, n: STATS.update({what: n})),
+                ],
+                shuffle_buffer_size=d.shuffle_buffer,
+            ),
+            seqio.TaskRegistry,
+        )
+        return name
+    rates = mixture_rates(cfg)
     sample_len = max(4, length // d.samples_per_row)
     gmin = d.gmask_min_ratio if d.gmask_min_ratio is not None else GMASK_MIN_RATIO.get(d.mixture, 0.2)
     # Raw chunk sizes that always fit: [MASK]/[sMASK] add 2 tokens per span (<= 0.15n + 1 spans).
@@ -308,7 +415,7 @@ def register(cfg: Config, vocab) -> str:
             continue
         if corpus_spec.kind == "none":
             raise ConfigError(f"data.corpus=none but data.mixture={d.mixture} needs a corpus for {obj}")
-        source = _tfds_source(corpus_spec, d.tfds_data_dir) if corpus_spec.kind == "tfds" else _text_source(corpus_spec, ("text",), d.max_document_chars)
+        source = _tfds_source(corpus_spec, d.tfds_data_dir) if corpus_spec.kind == "tfds" else _text_source(corpus_spec, ("text",), d.max_document_chars, vocab.spell)
         objective = prep.blank_infilling(
             obj, ids, one_d=one_d, mask_ratio=d.mask_ratio, gmask_min_ratio=gmin,
             ends_sentence=vocab.sentence_end_table() if obj == "smask" else None, budget=sample_len - chunk_for[obj],
@@ -338,7 +445,7 @@ def register(cfg: Config, vocab) -> str:
         _add(
             seqio.Task(
                 name,
-                _text_source(spec, ("prompt", "response"), d.max_document_chars),
+                _text_source(spec, ("prompt", "response"), d.max_document_chars, vocab.spell),
                 output_features=feats,
                 preprocessors=[
                     prep.as_blocks(("prompt", "response")),

@@ -17,6 +17,7 @@ cached (``default_vocabulary_path``).
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -37,6 +38,7 @@ SPECIAL_PIECES = {
     "eop_token_id": "<eop>",
     "eod_token_id": "<eod>",
 }
+MAX_BLANK = 80  # ChatGLM-6B's longest <|blank_N|>
 SENTENCE_END = (".", "?", "!", ";", ":", "。", "？", "！", "；", "…")
 
 
@@ -83,12 +85,34 @@ class GLMVocabulary:
                     f"'{self.sp.id_to_piece(mid + id_offset)}'; special ids must be >= {self.text_size} for this vocabulary"
                 )
             self.special[mid] = piece
+        # ChatGLM-6B's ice_text.model has pieces for newlines, tabs and runs of spaces, and its
+        # tokenizer spells text with them before SentencePiece sees it (its _preprocess).
+        self.spells_whitespace = all(
+            self.sp.piece_to_id(p) != self.sp.unk_id() for p in ("<n>", "<|tab|>", "<|blank_2|>"))
         if self.text_size > cfg.vocab_size:
             raise ConfigError(
                 f"vocabulary {sp_model_path} has {self.text_size} text ids but model.vocab_size={cfg.vocab_size}"
             )
 
     # -- numpy / python side -------------------------------------------------
+    def spell(self, text: str) -> str:
+        """Text as this vocabulary's tokenizer hands it to SentencePiece: for ChatGLM-6B's,
+        newlines, tabs and runs of 2..80 spaces as the pieces ``<n>``, ``<|tab|>``,
+        ``<|blank_N|>``; unchanged otherwise. Every reader of text applies it first."""
+        if not self.spells_whitespace:
+            return text
+        text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
+        for n in range(MAX_BLANK, 1, -1):
+            text = text.replace(" " * n, f"<|blank_{n}|>")
+        return text
+
+    def unspell(self, text: str) -> str:
+        """The inverse of :meth:`spell` on decoded text."""
+        if not self.spells_whitespace:
+            return text
+        text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
+        return re.sub(r"<\|blank_(\d+)\|>", lambda m: " " * int(m.group(1)), text)
+
     def encode(self, text: str) -> np.ndarray:
         ids = np.asarray(self.sp.encode(text), np.int64) - self.id_offset
         return ids[ids >= 0].astype(np.int32)  # image tokens (below the offset) never occur in text

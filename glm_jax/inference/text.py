@@ -5,11 +5,8 @@
 * A text with no mask token gets ``[gMASK]`` appended (GLM-130B; ChatGLM-6B's tokenizer
   always appends ``[gMASK] <sop>``). GLM-130B appends eos after a text whose last mask is
   not at its end; :func:`prompt_ids` then adds ``<sop>``.
-* ChatGLM-6B's vocabulary (``ice_text.model``) spells newlines, tabs and runs of spaces as
-  the pieces ``<n>``, ``<|tab|>`` and ``<|blank_N|>`` (its tokenizer's ``_preprocess``);
-  when the vocabulary has those pieces, text is mapped onto them and back.
-* Chat: ChatGLM-6B's multi-round format (MODEL.md §2.3), round i being
-  ``[Round i]\\n问：{query}\\n答：{response}\\n``; a first round is just the query.
+* ChatGLM-6B's vocabulary spells whitespace with its own pieces
+  (``GLMVocabulary.spell`` / ``unspell``); the chat formats are ``glm_jax.data.chat``.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from typing import Sequence
 import numpy as np
 
 MASK_PATTERN = re.compile(r"\[[sg]?MASK\]")
-MAX_BLANK = 80  # ChatGLM-6B's longest <|blank_N|>
 
 
 class PromptText:
@@ -29,24 +25,6 @@ class PromptText:
     def __init__(self, vocab):
         self.vocab = vocab
         self.cfg = vocab.cfg
-        sp = vocab.sp
-        self.chatglm_spaces = all(
-            sp.piece_to_id(p) != sp.unk_id() for p in ("<n>", "<|tab|>", "<|blank_2|>")
-        )
-
-    def _pre(self, text: str) -> str:
-        if not self.chatglm_spaces:
-            return text
-        text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
-        for n in range(MAX_BLANK, 1, -1):
-            text = text.replace(" " * n, f"<|blank_{n}|>")
-        return text
-
-    def _post(self, text: str) -> str:
-        if not self.chatglm_spaces:
-            return text
-        text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
-        return re.sub(r"<\|blank_(\d+)\|>", lambda m: " " * int(m.group(1)), text)
 
     def encode(self, text: str) -> list[int]:
         """Text with mask tokens written as ``[MASK]``/``[sMASK]``/``[gMASK]`` -> ids."""
@@ -57,13 +35,13 @@ class PromptText:
         marks = MASK_PATTERN.findall(text)
         for i, piece in enumerate(pieces):
             if piece:
-                out.extend(int(t) for t in self.vocab.encode(self._pre(piece)))
+                out.extend(int(t) for t in self.vocab.encode(self.vocab.spell(piece)))
             if i < len(marks):
                 out.append(ids[marks[i]])
         return out
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._post(self.vocab.decode([int(i) for i in ids]))
+        return self.vocab.unspell(self.vocab.decode([int(i) for i in ids]))
 
     def prompt_ids(self, text: str) -> list[int]:
         """The prompt the authors build from ``text``, ending in ``<sop>``."""
@@ -82,14 +60,6 @@ class PromptText:
     def has_blanks(self, text: str) -> bool:
         """The text asks for blank filling: it has a ``[MASK]`` or ``[sMASK]``."""
         return any(m != "[gMASK]" for m in MASK_PATTERN.findall(text))
-
-
-def chat_prompt(history: Sequence[tuple[str, str]], query: str) -> str:
-    """ChatGLM-6B's ``chat()`` prompt for ``query`` after the (query, response) rounds."""
-    if not history:
-        return query
-    rounds = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
-    return rounds + f"[Round {len(history)}]\n问：{query}\n答："
 
 
 def until_stop(ids: np.ndarray, stops: Sequence[int]) -> list[int]:

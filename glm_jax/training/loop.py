@@ -33,7 +33,7 @@ from glm_jax.training.trainer import Trainer
 
 
 # Reader counts that are repairs (the input was used), not input left out.
-REPAIRED_INPUT = frozenset({"cut_documents", "invalid_utf8_documents"})
+REPAIRED_INPUT = frozenset({"cut_documents", "invalid_utf8_documents", "cut_prompts", "cut_responses"})
 
 
 class SigtermFlag:
@@ -126,6 +126,8 @@ class TrainingRun:
         self.cfg, self.info = cfg, info
         self.lock = None
         workdir = epath.Path(cfg.workdir) if cfg.workdir else None  # a local path or gs://bucket/dir
+        if cfg.data.mixture != "synthetic":
+            tasks.check_sources(cfg.data)  # missing or unusable data fails before anything is written
         self._claim_workdir(workdir)  # before any work: the workdir may belong to another run
         try:
             self._setup(workdir)
@@ -135,8 +137,6 @@ class TrainingRun:
 
     def _setup(self, workdir) -> None:
         cfg = self.cfg
-        if cfg.data.mixture != "synthetic":
-            tasks.check_sources(cfg.data)  # a glob that matches nothing fails before any model is built
         if workdir and cfg.train.compile_cache:
             enable_compile_cache(workdir / directory.COMPILE_CACHE)
         mesh = self._mesh()
@@ -154,7 +154,7 @@ class TrainingRun:
         self.peak, peak_source = peak_flops(list(mesh.devices.flat))
         self.token_flops = flops_per_token(cfg.model, cfg.train.seq_len)
         log(f"glm_jax.train: {self.trainer.parameter_count(self.state):,} parameters; data {cfg.data.mixture} "
-            f"on corpus {cfg.data.corpus}")
+            + (f"on data.chat={cfg.data.chat}" if cfg.data.mixture == "chat" else f"on corpus {cfg.data.corpus}"))
         log(f"glm_jax.train: MFU against {self.peak / 1e12:,.3f} TFLOP/s ({peak_source})")
         use_tb = workdir and cfg.train.tensorboard and distributed.is_main_process()
         self.writer = ScalarWriter(str(workdir / directory.TENSORBOARD) if use_tb else None)
@@ -208,7 +208,12 @@ class TrainingRun:
         """(state, first step, data position in global rows)."""
         restored = self.trainer.restore(self.ckpt, warn=lambda m: log(f"warning: {m}")) if self.ckpt else None
         if restored is None:
+            if self.cfg.train.init_from:
+                log(f"glm_jax.train: parameters from {self.cfg.train.init_from}; fresh optimizer state from step 0")
+                return self.trainer.init_state_from(self.cfg.train.init_from), 0, 0
             return self.trainer.init_state(), 0, 0
+        if self.cfg.train.init_from:
+            log(f"glm_jax.train: {self.ckpt.directory} already has checkpoints, so train.init_from is not read")
         log(f"glm_jax.train: resuming from step {restored.step} ({self.ckpt.directory})")
         # Checkpoints from before the data position was saved kept only the step, at a fixed batch size.
         rows = restored.data_rows if restored.data_rows is not None else restored.step * self.cfg.train.batch_size

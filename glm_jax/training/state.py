@@ -81,6 +81,18 @@ def init_state(cfg: Config, model: GLM, optimizer, mesh: Mesh, rng: jax.Array, s
         return init(rng)
 
 
+def state_from_params(optimizer, mesh: Mesh, shardings: TrainState, params) -> TrainState:
+    """Step 0 with ``params`` (already in their shardings, donated) and a fresh optimizer
+    state: where fine-tuning starts."""
+
+    def build(p):
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=p, opt_state=optimizer.init(p), skipped=zero)
+
+    with jax.set_mesh(mesh):
+        return jax.jit(build, in_shardings=(shardings.params,), out_shardings=shardings, donate_argnums=0)(params)
+
+
 def loss_sums(model: GLM, params, batch: Batch, dropout_rng: jax.Array | None = None, vocab_chunks: int = 1,
               dropout_rows: tuple = (0, 1)):
     """Summed Part B loss and target-token count of a batch (float32). ``dropout_rows``:

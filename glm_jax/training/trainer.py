@@ -22,7 +22,7 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from glm_jax.checkpoint import compiled_step
+from glm_jax.checkpoint import compiled_step, params
 from glm_jax.checkpoint.train_state import Checkpointer, Restored, abstract_with_shardings
 from glm_jax.config import Config
 from glm_jax.data.pipeline import abstract_batch
@@ -94,6 +94,14 @@ class Trainer:
         """Fresh parameters and optimizer state, created directly in their shardings."""
         seed = self.cfg.train.seed if seed is None else seed
         return train_state.init_state(self.cfg, self.model, self.optimizer, self.mesh, jax.random.key(seed), self.shardings)
+
+    def init_state_from(self, path: str) -> TrainState:
+        """Parameters read from a params directory or another run's workdir (any mesh it
+        was saved from, cast to ``model.param_dtype``), each process reading only what its
+        devices hold; a fresh optimizer state at step 0 (``train.init_from``)."""
+        stored = params.open_for_init(path, self.cfg.model)
+        return train_state.state_from_params(self.optimizer, self.mesh, self.shardings,
+                                             params.read_onto(stored, self.abstract_state().params))
 
     def checkpointer(self, workdir: str) -> Checkpointer:
         return Checkpointer(workdir, self.cfg.train.checkpoint_every, self.cfg.train.keep_checkpoints)
