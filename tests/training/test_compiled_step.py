@@ -50,11 +50,9 @@ def test_the_loaded_step_computes_what_the_jitted_step_computes(saved):
     assert float(ma["loss"]) == float(mb["loss"]) and int(b.step) == 1
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    # Another batch shape (a ramp-up batch) is not the saved program's: the jitted step runs it.
-    small = copy_batch(plain.cfg.model, 4, plain.cfg.train.seq_len, seed=0, step=0)
-    assert not loaded.precompiled.accepts(small)
-    _, m = loaded.train_step(b, small)
-    assert np.isfinite(float(m["loss"]))
+    # Another batch shape (a ramp-up batch) is not the saved program's: the jitted step runs
+    # it (the CLI test below sees that compile).
+    assert not loaded.precompiled.accepts(copy_batch(plain.cfg.model, 4, plain.cfg.train.seq_len, seed=0, step=0))
 
 
 def test_train_loads_the_saved_step_instead_of_compiling_it(saved, tmp_path):

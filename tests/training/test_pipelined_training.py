@@ -3,11 +3,11 @@ run, and a checkpoint written at ``pipe=1`` resumes at ``pipe=4 mesh.model=2`` w
 continuation of the uninterrupted run (the checkpoint is the same at every pipe size)."""
 
 import json
+import shutil
 
 import pytest
 
 from glm_jax import train
-from glm_jax.training import loop
 from helpers import tensorboard_scalars
 
 TINY = ("data.mixture=synthetic", "train.seq_len=32", "train.log_every=1", "train.eval_batches=1",
@@ -24,7 +24,7 @@ def losses(workdir) -> dict[int, float]:
     return tensorboard_scalars(workdir / "tensorboard")["train/loss"]
 
 
-def test_pipelined_runs_follow_the_plain_run_and_resume_across_pipe_sizes(tmp_path, capsys, monkeypatch):
+def test_pipelined_runs_follow_the_plain_run_and_resume_across_pipe_sizes(tmp_path, capsys):
     plain, _ = run(capsys, tmp_path / "plain", "train.steps=20", "mesh.data=8")
     piped, err = run(capsys, tmp_path / "piped", "train.steps=20", "mesh.pipe=4", "mesh.data=2")
     assert piped["mesh"] == {"data": 2, "pipe": 4, "model": 1}
@@ -35,11 +35,11 @@ def test_pipelined_runs_follow_the_plain_run_and_resume_across_pipe_sizes(tmp_pa
     for step in range(1, 21):
         assert got[step] == pytest.approx(want[step], rel=1e-4), step
 
-    # Preempt a plain run after step 10 (as SIGTERM does), then go on with four stages and
-    # tensor parallelism.
-    with monkeypatch.context() as m:
-        m.setattr(loop.TrainingRun, "stopping", lambda self: int(self.state.step) >= 10)
-        run(capsys, tmp_path / "switch", "train.steps=20", "mesh.data=8")
+    # The plain run's step-10 checkpoint (as a preempted run leaves it) goes on with four
+    # stages and tensor parallelism.
+    (tmp_path / "switch" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "plain" / "checkpoints" / "10", tmp_path / "switch" / "checkpoints" / "10")
+    shutil.copy(tmp_path / "plain" / "config.yaml", tmp_path / "switch" / "config.yaml")
     resumed, err = run(capsys, tmp_path / "switch", "train.steps=20", "mesh.data=1", "mesh.pipe=4", "mesh.model=2")
     assert "resuming from step 10" in err and resumed["mesh"] == {"data": 1, "pipe": 4, "model": 2}
     continued = losses(tmp_path / "switch")
