@@ -66,6 +66,13 @@ class ModelConfig:
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
 
+    # P-tuning v2 (ChatGLM-6B's pre_seq_len / prefix_projection, kept on the model config as
+    # the authors do): a prefix encoder gives every layer pre_seq_len extra keys and values,
+    # without rotary, that every token sees. 0 = no prefix. See glm_jax/model/prefix.py.
+    pre_seq_len: int = 0
+    prefix_projection: bool = False  # an MLP (hidden -> tanh -> layers*2*hidden) over a hidden-wide embedding
+    prefix_dropout: float = 0.1  # on the prefix keys and values while training (the authors' 0.1)
+
     # Precision and memory.
     dtype: DType = "float32"  # compute dtype
     param_dtype: DType = "float32"
@@ -102,6 +109,11 @@ class ModelConfig:
         """Dimensions one rotary table covers: the whole head (1D), half of it (2D: one half
         per position row), 0 for learned positions (MODEL.md §1.3, §2.2)."""
         return {"rotary_1d": self.head_dim, "rotary_2d": self.head_dim // 2}.get(self.position_encoding, 0)
+
+    @property
+    def has_dropout(self) -> bool:
+        """Training draws dropout masks somewhere (attention, hidden states, the prefix)."""
+        return self.attention_dropout > 0 or self.hidden_dropout > 0 or (self.pre_seq_len > 0 and self.prefix_dropout > 0)
 
     @property
     def alpha(self) -> float:
@@ -142,7 +154,11 @@ class ModelConfig:
                 v == 0 or (v >= 8 and v & (v - 1) == 0),
                 f"model.{key}={v} must be 0 (the backend's default) or a power of two >= 8",
             )
-        for key in ("attention_dropout", "hidden_dropout"):
+        _require(self.pre_seq_len >= 0, f"model.pre_seq_len must be >= 0 (0: no prefix), got {self.pre_seq_len}")
+        _require(not (self.pre_seq_len and self.attention_impl == "pallas"),
+                 "model.attention_impl=pallas has no prefix keys; P-tuning (model.pre_seq_len > 0) runs attention_impl=xla "
+                 "or auto")
+        for key in ("attention_dropout", "hidden_dropout", "prefix_dropout"):
             _require(0.0 <= getattr(self, key) < 1.0, f"model.{key} must be in [0, 1), got {getattr(self, key)}")
         for f in dataclasses.fields(self):
             if f.name.endswith("_token_id"):
@@ -394,11 +410,24 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Which parameters a run trains (glm_jax/training/finetune.py): all of them (full), or
+    only the P-tuning v2 prefix encoder (ptuning; model.pre_seq_len sets its length) with
+    the base frozen: no gradients, no optimizer state, bit-identical after training."""
+
+    method: Literal["full", "ptuning"] = "full"
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     workdir: Optional[str] = None
 
     def validate(self) -> None:
@@ -406,6 +435,9 @@ class Config:
         self.mesh.validate()
         self.train.validate()
         self.data.validate()
+        self.finetune.validate()
+        _require(self.finetune.method != "ptuning" or self.model.pre_seq_len > 0,
+                 "finetune.method=ptuning needs model.pre_seq_len > 0, the prefix length (the authors use 128)")
         _require(
             self.train.seq_len <= self.model.max_seq_len,
             f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})",
@@ -615,7 +647,8 @@ RESUME_NEUTRAL_KEYS = frozenset({
 # Parameter shapes are compared separately (max_seq_len sizes learned position tables).
 INIT_FROM_NEUTRAL_KEYS = RESUME_NEUTRAL_KEYS | frozenset({
     "model.name", "model.attention_dropout", "model.hidden_dropout", "model.dtype", "model.param_dtype", "model.init",
-    "model.init_std", "model.embedding_grad_shrink", "model.max_seq_len",
+    "model.init_std", "model.embedding_grad_shrink", "model.max_seq_len", "model.pre_seq_len", "model.prefix_projection",
+    "model.prefix_dropout",
 })
 
 

@@ -63,7 +63,28 @@ def authors_state_dict(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     sd["transformer.final_layernorm.bias"] = a(params["final_layernorm"]["bias"])
     if not cfg.tie_embeddings:
         sd["lm_head.weight"] = a(params["lm_head"]).T
+    if cfg.pre_seq_len:
+        enc, pre = params["prefix_encoder"], "transformer.prefix_encoder."
+        sd[pre + "embedding.weight"] = a(enc["embedding"])
+        if cfg.prefix_projection:
+            for n in ("0", "2"):
+                sd[pre + f"trans.{n}.weight"] = a(enc[f"trans_{n}_kernel"]).T
+                sd[pre + f"trans.{n}.bias"] = a(enc[f"trans_{n}_bias"])
     return sd
+
+
+def prompt_key_values(sd: dict, cfg: ModelConfig, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """ChatGLM-6B's get_prompt (dropout off): PrefixEncoder(arange(P)) viewed as
+    ``[b, P, 2 * layers, heads, head_dim]``, permuted to ``[2 * layers, P, b, heads,
+    head_dim]`` and split in pairs: one (key, value) per layer, here as ``[b, P, heads, head_dim]``."""
+    pre = "transformer.prefix_encoder."
+    out = sd[pre + "embedding.weight"][np.arange(cfg.pre_seq_len)]
+    if cfg.prefix_projection:
+        out = np.tanh(out @ sd[pre + "trans.0.weight"].T + sd[pre + "trans.0.bias"])
+        out = out @ sd[pre + "trans.2.weight"].T + sd[pre + "trans.2.bias"]
+    out = np.broadcast_to(out[None], (batch, *out.shape))
+    kv = out.reshape(batch, cfg.pre_seq_len, 2 * cfg.num_layers, cfg.num_heads, cfg.head_dim).transpose(2, 1, 0, 3, 4)
+    return [(kv[2 * i].transpose(1, 0, 2, 3), kv[2 * i + 1].transpose(1, 0, 2, 3)) for i in range(cfg.num_layers)]
 
 
 # ---------------------------------------------------------------------------
@@ -127,6 +148,9 @@ def forward(sd: dict, cfg: ModelConfig, tokens: np.ndarray, position_ids: np.nda
         x = x + sd["transformer.block_position_embeddings.weight"][position_ids[:, 1]]
     b, L = tokens.shape
     max_pos = int(position_ids.max()) + 1
+    past = prompt_key_values(sd, cfg, b) if cfg.pre_seq_len else None
+    if past is not None:  # the prefix columns: visible to every token
+        mask = np.concatenate([np.zeros((*mask.shape[:3], cfg.pre_seq_len), bool), np.broadcast_to(mask, (*mask.shape[:3], L))], -1)
     for i in range(n_layers):
         p = lambda n: sd[f"transformer.layers.{i}.{n}"]  # noqa: E731
 
@@ -144,6 +168,8 @@ def forward(sd: dict, cfg: ModelConfig, tokens: np.ndarray, position_ids: np.nda
                 k1, k2 = np.split(k, 2, axis=-1)
                 q = np.concatenate([_apply_rotary(q1, cos, sin, pos), _apply_rotary(q2, cos, sin, blk)], -1)
                 k = np.concatenate([_apply_rotary(k1, cos, sin, pos), _apply_rotary(k2, cos, sin, blk)], -1)
+            if past is not None:  # the layer's past keys and values go in front, with no rotary
+                k, v = np.concatenate([past[i][0], k], 1), np.concatenate([past[i][1], v], 1)
             coeff = float(i + 1) if cfg.attention_layer_scaling else 1.0
             q = q / (math.sqrt(hd) * coeff)
             scores = np.einsum("bqhd,bkhd->bhqk", q, k)

@@ -172,7 +172,29 @@ def entries(cfg: ModelConfig, qkv: str = "interleaved") -> list[Entry]:
     out.append(Entry("transformer.final_layernorm.bias", ("final_layernorm", "bias"), None, _identity(h)))
     if not cfg.tie_embeddings:
         out.append(Entry("lm_head.weight", ("lm_head",), None, _transpose(v, h)))
-    return out
+    return out + prefix_entries(cfg)
+
+
+PREFIX_KEY = "transformer.prefix_encoder."
+
+
+def prefix_entries(cfg: ModelConfig) -> list[Entry]:
+    """P-tuning v2's prefix encoder (``model.pre_seq_len`` > 0; glm_jax/model/prefix.py) under
+    the authors' names: ``embedding.weight``, and with ``prefix_projection`` the two linear
+    layers ``trans.0`` and ``trans.2`` (``[out, in]`` weights)."""
+    if not cfg.pre_seq_len:
+        return []
+    h, p, kv = cfg.hidden_size, cfg.pre_seq_len, cfg.num_layers * 2 * cfg.hidden_size
+    enc = ("prefix_encoder",)
+    if not cfg.prefix_projection:
+        return [Entry(PREFIX_KEY + "embedding.weight", enc + ("embedding",), None, _identity(p, kv))]
+    return [
+        Entry(PREFIX_KEY + "embedding.weight", enc + ("embedding",), None, _identity(p, h)),
+        Entry(PREFIX_KEY + "trans.0.weight", enc + ("trans_0_kernel",), None, _transpose(h, h)),
+        Entry(PREFIX_KEY + "trans.0.bias", enc + ("trans_0_bias",), None, _identity(h)),
+        Entry(PREFIX_KEY + "trans.2.weight", enc + ("trans_2_kernel",), None, _transpose(kv, h)),
+        Entry(PREFIX_KEY + "trans.2.bias", enc + ("trans_2_bias",), None, _identity(kv)),
+    ]
 
 
 def leaf_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:

@@ -181,7 +181,8 @@ def _mismatches(manifest: dict, cfg: Config, mesh: Mesh) -> list[str]:
     except ConfigError as e:
         reasons.append(f"its config does not load in this glm_jax ({e})")
     else:
-        changed = differences(saved, cfg, sections=("model", "mesh", "train", "data"), neutral=STEP_NEUTRAL_KEYS)
+        changed = differences(saved, cfg, sections=("model", "mesh", "train", "data", "finetune"),
+                              neutral=STEP_NEUTRAL_KEYS)
         reasons += [f"config {c}" for c in changed]
     here = runtime(mesh)
     saved_runtime = manifest["runtime"]

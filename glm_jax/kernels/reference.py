@@ -42,6 +42,7 @@ def attention(
     dropout_rate: float = 0.0,
     dropout_rng: Optional[jax.Array] = None,
     dropout_rows: tuple = (0, 1),
+    prefix: Optional[tuple[jax.Array, jax.Array]] = None,
 ) -> jax.Array:
     """q, k, v: ``[batch, length, heads, head_dim]``; returns the same shape and dtype as q.
 
@@ -49,12 +50,18 @@ def attention(
     dropout_rows: (offset, stride): these rows are rows ``offset + stride * i`` of a larger
       batch, and draw that batch's dropout masks, ``jax.random.bernoulli(dropout_rng,
       1 - rate, [batch, heads, q, k])`` of the whole (the default: the batch itself).
+    prefix: P-tuning's (keys, values), each ``[batch or 1, P, heads, head_dim]``: placed
+      before the sequence's keys, visible to every token, with no rotary (the caller's
+      keys have theirs already); the dropout masks then cover ``P + length`` keys.
     """
 
     q, c = scale_query(q, layer_scale)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     mask = attention_mask.dense_visibility(part_a_end, segment_ids)[:, None, :, :]
     scores = jnp.where(mask, scores, jnp.float32(MASK_VALUE))
+    if prefix is not None:
+        k_p, v_p = (jnp.broadcast_to(t, (q.shape[0], *t.shape[1:])) for t in prefix)
+        scores = jnp.concatenate([jnp.einsum("bqhd,bkhd->bhqk", q, k_p, preferred_element_type=jnp.float32), scores], -1)
     if layer_scale is not None:
         scores = scores * c
     probs = jax.nn.softmax(scores, axis=-1)
@@ -64,4 +71,7 @@ def attention(
         keep = dropout_hash.keep_rows(dropout_rng, dropout_rate, rows, probs.shape[1:])
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     probs = probs.astype(v.dtype)
+    if prefix is not None:
+        n = k_p.shape[1]
+        return jnp.einsum("bhqk,bkhd->bqhd", probs[..., :n], v_p) + jnp.einsum("bhqk,bkhd->bqhd", probs[..., n:], v)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)

@@ -38,6 +38,7 @@ class Attention(nn.Module):
         segment_ids: Optional[jax.Array],
         cache: Optional[Any] = None,
         dropout: Optional[DropoutRows] = None,
+        prefix: Optional[jax.Array] = None,
     ) -> tuple[jax.Array, Optional[Any]]:
         """Returns the attention output and ``cache`` with this layer's keys and values stored.
 
@@ -48,6 +49,9 @@ class Attention(nn.Module):
           keys and values go into it at ``cache.index``; with ``cache.decoding`` the tokens
           are Part B continuing the cached sequence and attend to its valid slots
           (``kernels/decode.py``) rather than to each other by the GLM mask.
+
+        prefix: this layer's P-tuning keys and values ``[batch or 1, P, 2, heads, head_dim]``
+          (``glm_jax.model.prefix``), seen by every token; they run the XLA attention.
         """
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
@@ -80,6 +84,8 @@ class Attention(nn.Module):
 
         q, k = rotary.apply_rotary(q, k, positions, cfg)
         layer_scale = (layer_index + 1) if cfg.attention_layer_scaling else None
+        if cache is not None and prefix is not None:
+            raise NotImplementedError("decoding with a KV cache does not take a P-tuning prefix yet")
         if cache is not None:
             cache = cache.write(layer_index, k, v)
             if cache.decoding:
@@ -91,8 +97,10 @@ class Attention(nn.Module):
         if cfg.attention_dropout > 0.0 and dropout is not None:
             dropout_options = dict(dropout_rate=cfg.attention_dropout, dropout_rng=dropout.site(ATTENTION_PROBS),
                                    dropout_rows=(dropout.row_offset, dropout.row_stride))
-        name = resolve_impl(cfg.attention_impl)
+        name = "xla" if prefix is not None else resolve_impl(cfg.attention_impl)
         kernel_options = {"block_sizes": flash_attention.BlockSizes.from_config(cfg)} if name == "pallas" else {}
+        if prefix is not None:
+            kernel_options = {"prefix": (prefix[:, :, 0], prefix[:, :, 1])}
         ctx = IMPLEMENTATIONS[name](
             q,
             k,

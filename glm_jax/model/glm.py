@@ -19,6 +19,7 @@ from glm_jax.config import ModelConfig
 from glm_jax.kernels import attention_mask
 from glm_jax.model import init, linear
 from glm_jax.model.block import Block, layer_norm
+from glm_jax.model import prefix as prefix_kv
 from glm_jax.model.dropout import DropoutRows
 from glm_jax.parallel.pipeline import Pipelining, pipeline
 
@@ -41,11 +42,11 @@ class _ScanBody(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, layer_index, positions, part_a_end, segment_ids, dropout):
+    def __call__(self, carry, layer_index, prefix, positions, part_a_end, segment_ids, dropout):
         x, cache = carry
         block = _block_class(self.cfg)(self.cfg, name="block")
         layer_dropout = None if dropout is None else dropout.for_layer(layer_index)
-        return block(x, layer_index, positions, part_a_end, segment_ids, cache, layer_dropout), None
+        return block(x, layer_index, positions, part_a_end, segment_ids, cache, layer_dropout, prefix), None
 
 
 class GLM(nn.Module):
@@ -62,7 +63,7 @@ class GLM(nn.Module):
                 _ScanBody,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
@@ -82,6 +83,8 @@ class GLM(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = self.param("lm_head", init.embedding(cfg, ("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), pdtype)
         self.final_layernorm = layer_norm(cfg, "final_layernorm")
+        if cfg.pre_seq_len:
+            self.prefix_encoder = prefix_kv.PrefixEncoder(cfg)
 
     def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         cfg = self.cfg
@@ -132,18 +135,22 @@ class GLM(nn.Module):
         a_end = None if prefix_len is None else attention_mask.part_a_end(prefix_len, segment_ids, length)
         x = self.embed(tokens, positions)
         dropout = None
-        if not self.deterministic and (cfg.attention_dropout > 0 or cfg.hidden_dropout > 0):
+        if not self.deterministic and cfg.has_dropout:
             dropout = DropoutRows(self.make_rng("dropout"), jnp.asarray(dropout_rows[0], jnp.int32), int(dropout_rows[1]))
+        prefix = prefix_kv.key_values(self.prefix_encoder(), cfg, x.shape[0], dropout) if cfg.pre_seq_len else None
         if self.pipelining.active and cache is None and not self.is_initializing():
+            if prefix is not None:
+                raise ValueError("a P-tuning prefix (model.pre_seq_len > 0) does not run in a pipeline (mesh.pipe=1)")
             x = self._pipelined_layers(x, positions, a_end, segment_ids, dropout)
         elif cfg.scan_layers:
             layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-            (x, cache), _ = self.layers((x, cache), layer_ids, positions, a_end, segment_ids, dropout)
+            (x, cache), _ = self.layers((x, cache), layer_ids, prefix, positions, a_end, segment_ids, dropout)
         else:
             for i, block in enumerate(self.layers):
                 # A Python int: a per-layer KV cache (inference/kv_cache.py) picks its buffer at trace time.
                 layer_dropout = None if dropout is None else dropout.for_layer(i)
-                x, cache = block(x, i, positions, a_end, segment_ids, cache, layer_dropout)
+                layer_prefix = None if prefix is None else prefix[i]
+                x, cache = block(x, i, positions, a_end, segment_ids, cache, layer_dropout, layer_prefix)
         x = self.final_layernorm(x)
         out = x if return_hidden else self.head(x)
         return out if cache is None else (out, cache)

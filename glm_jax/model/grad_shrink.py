@@ -19,7 +19,7 @@ from glm_jax.config import ModelConfig
 def shrink_embedding_gradient(grads: Any, cfg: ModelConfig) -> Any:
     """Scale the word-embedding gradient (which includes a tied head's) by ``cfg.embedding_grad_shrink``."""
     alpha = cfg.embedding_grad_shrink
-    if alpha == 1.0:
+    if alpha == 1.0 or "word_embeddings" not in grads:  # frozen embeddings (P-tuning, LoRA) have no gradient
         return grads
     grads = dict(grads)
     g = grads["word_embeddings"]

@@ -100,7 +100,7 @@ def prepare_workdir(workdir, cfg: Config) -> None:
     except ConfigError as e:
         raise ConfigError(f"workdir={workdir} holds checkpoints but its {directory.CONFIG} does not load ({e}); "
                           "train in a new workdir=") from None
-    changed = differences(before, cfg)
+    changed = differences(before, cfg, sections=("model", "data", "finetune"))
     if changed:
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise ConfigError(

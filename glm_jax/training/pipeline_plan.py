@@ -22,6 +22,9 @@ def plan(cfg: Config, axis_sizes: dict[str, int]) -> Pipelining:
     repeats, requested = train.pipeline_repeats, train.pipeline_microbatches
     if stages == 1:
         return Pipelining()
+    if cfg.model.pre_seq_len:
+        raise ConfigError(f"mesh.pipe={stages}: a P-tuning prefix (model.pre_seq_len={cfg.model.pre_seq_len}) does not "
+                          "run in a pipeline; use mesh.pipe=1 (the frozen base fits by data and model sharding)")
     if not cfg.model.scan_layers:
         raise ConfigError(f"mesh.pipe={stages} needs model.scan_layers=true (the pipeline runs stacked layer weights)")
     layers = cfg.model.num_layers

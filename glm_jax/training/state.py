@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 from jax.sharding import Mesh
 
 from glm_jax.config import Config
@@ -20,6 +21,7 @@ from glm_jax.model import GLM, Batch, init_params
 from glm_jax.model.glm import output_embedding
 from glm_jax.model.grad_shrink import shrink_embedding_gradient
 from glm_jax.parallel import rules
+from glm_jax.training import finetune
 from glm_jax.training.loss import chunked_cross_entropy, masked_cross_entropy
 
 
@@ -34,7 +36,21 @@ class TrainState:
 def _init_boxed(cfg: Config, model: GLM, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     params = init_params(cfg.model, rng)
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=optimizer.init(params), skipped=zero)
+    trainable, _ = finetune.split(params, cfg.finetune.method)
+    return TrainState(step=zero, params=params, opt_state=optimizer.init(trainable), skipped=zero)
+
+
+def init_some_params(cfg: Config, mesh: Mesh, shardings: dict, rng: jax.Array) -> dict:
+    """Initial values of only the parameters ``shardings`` names (a flat ``{path:
+    sharding}``), as a fresh run would draw them: under jit the other leaves are never
+    computed. How fine-tuning initialises what it adds to its base."""
+
+    def init():
+        flat = traverse_util.flatten_dict(rules.unbox(init_params(cfg.model, rng)))
+        return {k: v for k, v in flat.items() if k in shardings}
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules.logical_axis_rules()):
+        return jax.jit(init, out_shardings=shardings)()
 
 
 def state_shardings(cfg: Config, model: GLM, optimizer, mesh: Mesh) -> TrainState:
@@ -61,10 +77,11 @@ def _both_shardings(cfg: Config, model: GLM, optimizer, mesh: Mesh) -> tuple[Tra
 
 
 def gradient_shardings(cfg: Config, model: GLM, optimizer, mesh: Mesh):
-    """Where gradients live before the update: with zero1 or fsdp, split over ``data`` like
-    the AdamW moments (a reduce-scatter rather than an all-reduce)."""
+    """Where the trainable parameters' gradients live before the update: with zero1 or
+    fsdp, split over ``data`` like the AdamW moments (a reduce-scatter, not an all-reduce)."""
     plain, split = _both_shardings(cfg, model, optimizer, mesh)
-    return plain.params if cfg.mesh.param_sharding == "replicated" else split.params
+    params = plain.params if cfg.mesh.param_sharding == "replicated" else split.params
+    return finetune.split(params, cfg.finetune.method)[0]
 
 
 def abstract_state(cfg: Config, model: GLM, optimizer) -> TrainState:
@@ -81,13 +98,13 @@ def init_state(cfg: Config, model: GLM, optimizer, mesh: Mesh, rng: jax.Array, s
         return init(rng)
 
 
-def state_from_params(optimizer, mesh: Mesh, shardings: TrainState, params) -> TrainState:
+def state_from_params(optimizer, mesh: Mesh, shardings: TrainState, params, method: str = "full") -> TrainState:
     """Step 0 with ``params`` (already in their shardings, donated) and a fresh optimizer
     state: where fine-tuning starts."""
 
     def build(p):
         zero = jnp.zeros((), jnp.int32)
-        return TrainState(step=zero, params=p, opt_state=optimizer.init(p), skipped=zero)
+        return TrainState(step=zero, params=p, opt_state=optimizer.init(finetune.split(p, method)[0]), skipped=zero)
 
     with jax.set_mesh(mesh):
         return jax.jit(build, in_shardings=(shardings.params,), out_shardings=shardings, donate_argnums=0)(params)
@@ -130,8 +147,12 @@ def loss_and_grads(
     microbatches: int = 1,
     vocab_chunks: int = 1,
     grad_shardings=None,
+    frozen=None,
 ):
     """Loss, target-token count and the gradients the optimizer sees (embedding shrink applied).
+
+    ``params`` is what is differentiated; ``frozen`` (P-tuning's base) the rest of the
+    model's parameters, merged in and never differentiated.
 
     With ``microbatches`` > 1 the batch is processed in slices whose summed-loss gradients
     are accumulated in float32 and divided by the whole batch's target count at the end:
@@ -140,7 +161,7 @@ def loss_and_grads(
     """
 
     def sums(p, mb, rng, rows=(0, 1)):
-        return loss_sums(model, p, mb, rng, vocab_chunks, rows)
+        return loss_sums(model, finetune.merge(p, frozen or {}), mb, rng, vocab_chunks, rows)
 
     def constrain(g):
         return g if grad_shardings is None else jax.lax.with_sharding_constraint(g, grad_shardings)
@@ -171,33 +192,37 @@ def loss_and_grads(
 
 def make_train_step(cfg: Config, model: GLM, optimizer, mesh: Mesh, state_sharding) -> Callable:
     """A jitted ``(state, batch) -> (state, metrics)`` with explicit shardings; donates the state."""
-    dropout = cfg.model.attention_dropout > 0 or cfg.model.hidden_dropout > 0
+    dropout = cfg.model.has_dropout
     seed_key = jax.random.key(cfg.train.seed + 1)
     grad_shardings = gradient_shardings(cfg, model, optimizer, mesh)
     zero1 = cfg.mesh.param_sharding == "zero1"
+    method = cfg.finetune.method
 
     def train_step(state: TrainState, batch: Batch):  # the name XLA dumps and profiles show
         rng = jax.random.fold_in(seed_key, state.step) if dropout else None
+        trainable, frozen = finetune.split(state.params, method)
         loss, weight, grads = loss_and_grads(
             model,
-            state.params,
+            trainable,
             batch,
             rng,
             microbatches=cfg.train.microbatches,
             vocab_chunks=cfg.train.loss_vocab_chunks,
             grad_shardings=grad_shardings,
+            frozen=frozen,
         )
         grad_norm = optax.tree.norm(grads)
         # ZeRO-1: each data shard updates its slice of the parameters (where its AdamW
         # state lives); the jit's output sharding then gathers the full parameters.
-        old = jax.lax.with_sharding_constraint(state.params, grad_shardings) if zero1 else state.params
+        old = jax.lax.with_sharding_constraint(trainable, grad_shardings) if zero1 else trainable
         updates, opt_state = optimizer.update(grads, state.opt_state, old)
-        params = optax.apply_updates(old, updates)
+        new = optax.apply_updates(old, updates)
         # A non-finite loss or gradient leaves parameters and optimizer state as they were.
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        params, opt_state = jax.tree.map(
-            lambda new, old: jnp.where(ok, new, old), (params, opt_state), (state.params, state.opt_state)
+        new, opt_state = jax.tree.map(
+            lambda n, o: jnp.where(ok, n, o), (new, opt_state), (trainable, state.opt_state)
         )
+        params = finetune.merge(new, frozen)  # the frozen base passes through untouched
         metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": weight, "skipped": ~ok}
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, skipped=state.skipped + (~ok).astype(jnp.int32))
         return new_state, metrics

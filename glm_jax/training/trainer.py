@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import jax
 import optax
+from flax import traverse_util
 from jax.sharding import Mesh
 
 from glm_jax.checkpoint import compiled_step, params
@@ -27,7 +28,8 @@ from glm_jax.checkpoint.train_state import Checkpointer, Restored, abstract_with
 from glm_jax.config import Config
 from glm_jax.data.pipeline import abstract_batch
 from glm_jax.model import GLM
-from glm_jax.training import pipeline_plan
+from glm_jax.errors import CheckpointError
+from glm_jax.training import finetune, pipeline_plan
 from glm_jax.training import state as train_state
 from glm_jax.training.optimizer import learning_rate_schedule, make_optimizer
 
@@ -100,8 +102,17 @@ class Trainer:
         was saved from, cast to ``model.param_dtype``), each process reading only what its
         devices hold; a fresh optimizer state at step 0 (``train.init_from``)."""
         stored = params.open_for_init(path, self.cfg.model)
-        return train_state.state_from_params(self.optimizer, self.mesh, self.shardings,
-                                             params.read_onto(stored, self.abstract_state().params))
+        targets = traverse_util.flatten_dict(self.abstract_state().params)
+        absent = {k: v for k, v in targets.items() if k not in stored.shapes}
+        for k in absent:
+            if not finetune.is_new(k):
+                raise CheckpointError(f"train.init_from={path}: parameter {'/'.join(k)} is missing from {stored.source.describe()}")
+        loaded = params.read_onto(stored, traverse_util.unflatten_dict({k: v for k, v in targets.items() if k not in absent}))
+        if absent:  # what fine-tuning adds (the P-tuning prefix): initialised as a fresh run would
+            fresh = train_state.init_some_params(self.cfg, self.mesh, {k: v.sharding for k, v in absent.items()},
+                                                 jax.random.key(self.cfg.train.seed))
+            loaded = traverse_util.unflatten_dict({**traverse_util.flatten_dict(loaded), **fresh})
+        return train_state.state_from_params(self.optimizer, self.mesh, self.shardings, loaded, self.cfg.finetune.method)
 
     def checkpointer(self, workdir: str) -> Checkpointer:
         return Checkpointer(workdir, self.cfg.train.checkpoint_every, self.cfg.train.keep_checkpoints)

@@ -5,26 +5,12 @@ import jax
 import numpy as np
 import pytest
 
-from glm_jax.config import dump_config, load_config
+from glm_jax.config import load_config
 from glm_jax.errors import CheckpointError
 from glm_jax.parallel.mesh import make_mesh
 from glm_jax.training.trainer import Trainer
 
-BASE = ["data.mixture=synthetic", "train.batch_size=8"]
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A workdir whose step-7 checkpoint holds parameters saved from an 8-way data mesh."""
-    cfg = load_config("glm-tiny", [*BASE, "mesh.data=8"])
-    trainer = Trainer.build(cfg, make_mesh(cfg.mesh, jax.devices()))
-    state = trainer.init_state(seed=5)
-    workdir = tmp_path_factory.mktemp("pretrained")
-    (workdir / "config.yaml").write_text(dump_config(cfg))
-    ckpt = trainer.checkpointer(str(workdir))
-    ckpt.save(7, state, data_rows=56, force=True, wait=True)
-    ckpt.close()
-    return str(workdir), jax.tree.map(np.asarray, state.params)
+BASE = ["data.mixture=synthetic", "train.batch_size=8"]  # as the pretrained fixture (conftest.py)
 
 
 def test_parameters_come_from_the_checkpoint_on_another_mesh_with_a_fresh_optimizer(pretrained):
@@ -40,11 +26,7 @@ def test_parameters_come_from_the_checkpoint_on_another_mesh_with_a_fresh_optimi
         np.testing.assert_array_equal(np.asarray(got), want.astype(jax.numpy.bfloat16))
     adam = state.opt_state[1][0]
     assert int(adam.count) == 0 and all(not np.asarray(m).any() for m in jax.tree.leaves(adam.mu))
-    # and it trains from there
-    from glm_jax.data.synthetic import copy_batch
-
-    _, metrics = trainer.train_step(state, copy_batch(cfg.model, 8, cfg.train.seq_len, seed=0, step=0))
-    assert np.isfinite(float(metrics["loss"]))
+    # (test_ptuning trains from such a state)
 
 
 def test_a_checkpoint_of_another_model_is_refused_with_the_differences(pretrained, tmp_path):

@@ -1,0 +1,50 @@
+"""Which parameters a run trains (``finetune.method``), as a split of the parameter tree.
+
+* ``full``: every parameter.
+* ``ptuning``: only the prefix encoder (``prefix_encoder/...``, glm_jax/model/prefix.py).
+
+The train step differentiates the trainable part only and merges the frozen part back
+in unchanged, so the frozen base costs no gradient, no optimizer state and no update, and
+comes out of every step bit for bit as it went in. The split works on any tree shaped
+like the parameters (values, shardings, abstract shapes, boxed initial values).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax import traverse_util
+
+Path = tuple[str, ...]
+
+
+def is_trainable(path: Path, method: str) -> bool:
+    if method == "full":
+        return True
+    if method == "ptuning":
+        return path[0] == "prefix_encoder"
+    raise ValueError(f"unknown finetune.method {method!r}")
+
+
+def is_new(path: Path) -> bool:
+    """Parameters a fine-tuning run adds to its base (absent from the checkpoint it starts
+    from, initialised fresh): the prefix encoder."""
+    return path[0] == "prefix_encoder"
+
+
+def split(tree: Any, method: str) -> tuple[dict, dict]:
+    """(trainable, frozen): two nested dicts that :func:`merge` puts back together."""
+    if method == "full":
+        return tree, {}
+    flat = traverse_util.flatten_dict(tree)
+    trainable = {k: v for k, v in flat.items() if is_trainable(k, method)}
+    frozen = {k: v for k, v in flat.items() if not is_trainable(k, method)}
+    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def merge(trainable: dict, frozen: dict) -> dict:
+    if not frozen:
+        return trainable
+    flat = traverse_util.flatten_dict(frozen)
+    flat.update(traverse_util.flatten_dict(trainable))
+    return traverse_util.unflatten_dict(flat)
