@@ -365,7 +365,7 @@ class DataConfig:
     # mixture=chat, fine-tuning on conversations (glm_jax/data/chat.py): JSON lines with a
     # prompt, a response and optionally a history of [query, answer] rounds, laid out as
     # prompt [gMASK] <sop> response <eop> with the loss on <sop>, the response and <eop>.
-    # chat_validation: held-out conversations (default: a hashed 5% of data.chat).
+    # chat_validation: held-out conversations (default: a hashed 2% of data.chat).
     chat: str = "none"  # stdlib (questions about the default corpus) | jsonl:GLOB | none
     chat_validation: str = "none"
     prompt_field: str = "prompt"
@@ -394,8 +394,6 @@ class DataConfig:
             spec = getattr(self, key)
             _require(spec in ("stdlib", "none") or (spec.startswith("jsonl:") and len(spec) > 6),
                      f"data.{key}={spec!r} is not valid; use jsonl:GLOB, stdlib or none")
-        _require(self.mixture != "chat" or self.chat != "none",
-                 "data.mixture=chat needs data.chat=jsonl:GLOB (or stdlib for the built-in questions)")
         for key in ("prompt_field", "response_field"):
             _require(bool(getattr(self, key)), f"data.{key} must name a JSON field")
         _require(self.max_source_len == 0 or self.max_source_len >= 2,

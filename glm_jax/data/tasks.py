@@ -206,6 +206,8 @@ def check_sources(d: DataConfig) -> None:
     with no usable conversation: checked before anything is built or written, rather than
     when the first batch is read."""
     if d.mixture == "chat":
+        if d.chat == "none":
+            raise ConfigError("data.mixture=chat needs data.chat=jsonl:GLOB (or stdlib for the built-in questions)")
         for key in ("chat", "chat_validation"):
             if getattr(d, key).startswith("jsonl:"):
                 _check_chat_files(d, key)

@@ -112,6 +112,6 @@ def test_a_chat_file_without_usable_lines_is_one_clear_error(tmp_path, content, 
 
 def test_chat_config_errors():
     with pytest.raises(ConfigError, match="data.mixture=chat needs data.chat=jsonl:GLOB"):
-        load_config("glm-tiny", ["data.mixture=chat"])
+        tasks.check_sources(load_config("glm-tiny", ["data.mixture=chat"]).data)
     with pytest.raises(ConfigError, match=r"data.max_source_len \(40\) \+ data.max_target_len \(40\) exceed train.seq_len \(64\)"):
         _cfg("data.chat=stdlib", "data.max_source_len=40", "data.max_target_len=40")
