@@ -9,6 +9,8 @@ scalars to ``DIR/tensorboard``; the last line on stdout is one JSON object with 
 step, losses and throughput. With several processes (TPU pod slices, SLURM, or the
 JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID variables) jax.distributed is
 initialised first, each process feeds its own data shard, and only process 0 logs.
+A P-tuning run (``finetune.method=ptuning``) also leaves its prefix in the authors'
+layout in ``DIR/ptuning`` (with torch installed; else ``convert export-ptuning`` later).
 
 The loop is ``glm_jax.training.loop``; what a step is, ``glm_jax.training.trainer``.
 """
@@ -17,9 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Optional, Sequence
 
 from glm_jax import cli
+
+PTUNING_DIR = "ptuning"  # in the workdir: the prefix as the authors' trainer saves it
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -40,8 +49,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         SIGTERM.uninstall()
     if distributed.is_main_process():
+        if cfg.finetune.method == "ptuning" and cfg.workdir:
+            result["ptuning_checkpoint"] = _export_prefix(cfg.workdir)
         print(json.dumps(result), flush=True)
     return 0
+
+
+def _export_prefix(workdir: str) -> Optional[str]:
+    """The run's prefix in the authors' layout too (``WORKDIR/ptuning``: config.json +
+    pytorch_model.bin), which their loader and ``--ptuning-checkpoint`` read; it needs torch."""
+    out = workdir.rstrip("/") + "/" + PTUNING_DIR
+    command = f"python -m glm_jax.convert export-ptuning --src {workdir} --dst OUT"
+    if "://" in workdir:
+        log(f"glm_jax.train: write the prefix in the authors' layout from a local copy of the workdir: {command}")
+        return None
+    try:
+        import torch  # noqa: F401  (the authors' file is a torch pickle)
+    except ImportError:
+        log(f"glm_jax.train: torch is not installed, so the prefix is saved in orbax only; with torch: {command}")
+        return None
+    from glm_jax.convert import ptuning  # the authors' layout lives with the converters
+
+    ptuning.export(workdir, out, overwrite=True)
+    log(f"glm_jax.train: prefix in the authors' layout: {out} (config.json + pytorch_model.bin)")
+    return out
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``python -m glm_jax.convert {from-hf,to-hf,from-sat,to-sat,export} --src DIR --dst DIR [...]``.
+"""``python -m glm_jax.convert {from-hf,to-hf,from-sat,to-sat,export,export-ptuning} --src DIR --dst DIR [...]``.
 
 to-hf, to-sat and export read a params directory (from from-hf / from-sat / export) or a
 training workdir (``--step N``, default its newest checkpoint). Bad input (a missing
@@ -99,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--step", type=int, default=None, help=STEP_HELP)
     ex.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     ex.add_argument("--quiet", action="store_true", help="no progress line")
+
+    ep = sub.add_parser("export-ptuning", help="glm_jax P-tuning run -> the authors' P-tuning checkpoint",
+                        description="Write the prefix encoder of a P-tuning run (finetune.method=ptuning) as ChatGLM-6B's "
+                                    "P-tuning trainer saves it: config.json (with pre_seq_len, prefix_projection) and "
+                                    "pytorch_model.bin holding transformer.prefix_encoder.* in float32. Needs torch.")
+    ep.add_argument("--src", required=True, help=SRC_HELP)
+    ep.add_argument("--dst", required=True, help="output directory (config.json, pytorch_model.bin)")
+    ep.add_argument("--step", type=int, default=None, help=STEP_HELP)
+    ep.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    ep.add_argument("--quiet", action="store_true", help="(accepted for symmetry; the export is one small file)")
     return p
 
 
@@ -130,6 +140,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out = to_sat.convert(args.src, args.dst, tp=args.tp, dtype=args.dtype, quantize=args.quantize,
                                  iteration=args.iteration, step=args.step, overwrite=args.overwrite,
                                  progress=not args.quiet)
+        elif args.command == "export-ptuning":
+            from glm_jax.convert import ptuning
+
+            out = ptuning.export(args.src, args.dst, step=args.step, overwrite=args.overwrite)
         else:
             from glm_jax.checkpoint import params
             from glm_jax.convert.progress import Progress

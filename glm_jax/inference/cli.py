@@ -35,6 +35,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="compute dtype, and the dtype the other weights are held in (default: the checkpoint's); "
                    "on a CPU, bfloat16 halves the bytes read per token (weights streamed as bfloat16 bits)")
     g.add_argument("--model-parallel", type=int, default=1, help="split heads and MLP over this many devices (mesh axis model)")
+    g.add_argument("--ptuning-checkpoint", default=None,
+                   help="a P-tuning v2 prefix for the --checkpoint base: the authors' checkpoint directory (config.json "
+                        "with pre_seq_len + pytorch_model.bin) or a glm_jax P-tuning run")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, defaults: Sampling, max_new_tokens: int) -> None:
@@ -77,8 +80,10 @@ def check_model_parallel(n: int, cfg) -> None:
                          f"{cfg.mlp_dim} MLP units; valid values: {', '.join(map(str, valid))}")
 
 
-def load_model_and_text(args):
-    """(LoadedModel, PromptText) from the model flags; every problem is one clear line."""
+def load_model_and_text(args, read_prefix=None):
+    """(LoadedModel, PromptText) from the model flags; every problem is one clear line.
+    ``read_prefix(path, base config)``: reads ``--ptuning-checkpoint`` (the entry points pass
+    ``glm_jax.convert.ptuning.read``)."""
     ckpt = args.checkpoint
     if not os.path.isdir(ckpt):
         raise UsageError(f"--checkpoint {ckpt}: no such directory")
@@ -91,7 +96,10 @@ def load_model_and_text(args):
             check_model_parallel(args.model_parallel, cfg_file.model)
         mesh = make_mesh(MeshConfig(data=-1, model=args.model_parallel))
     try:
-        model = load(ckpt, dtype=args.dtype, quantize=args.quantize, mesh=mesh)
+        prefix = None
+        if args.ptuning_checkpoint:
+            prefix = lambda base: read_prefix(args.ptuning_checkpoint, base)  # noqa: E731
+        model = load(ckpt, dtype=args.dtype, quantize=args.quantize, mesh=mesh, prefix=prefix)
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
     cfg = model.config

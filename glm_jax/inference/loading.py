@@ -159,7 +159,8 @@ def _placed(cfg: ModelConfig, params: Any, mesh) -> LoadedModel:
 
 
 def load(checkpoint_dir: str, *, dtype: Optional[str] = None, quantize: Bits = None, mesh=None,
-         step: Optional[int] = None, warn: Optional[Callable[[str], None]] = None) -> LoadedModel:
+         step: Optional[int] = None, warn: Optional[Callable[[str], None]] = None,
+         prefix: Optional[Callable[[ModelConfig], tuple[ModelConfig, dict]]] = None) -> LoadedModel:
     """Restore ``checkpoint_dir`` (a converted checkpoint or a training workdir).
 
     dtype: compute dtype override (converted checkpoints compute in float32; parameters
@@ -172,6 +173,9 @@ def load(checkpoint_dir: str, *, dtype: Optional[str] = None, quantize: Bits = N
     step: which checkpoint of a training workdir (default: the newest; a newest checkpoint
       that cannot be read is passed over for the one before, with one ``warn`` line,
       default to stderr). A named step that cannot be read is a CheckpointError.
+    prefix: a P-tuning prefix to add, as ``prefix(base config) -> (config with the prefix,
+      prefix encoder parameters)`` (``glm_jax.load(..., ptuning_checkpoint=...)`` passes
+      ``glm_jax.convert.ptuning.read``); it stays float32 whatever the base's weights are.
     """
     from glm_jax.inference import quantize as qz  # imports jax: not at `import glm_jax`
 
@@ -190,6 +194,8 @@ def load(checkpoint_dir: str, *, dtype: Optional[str] = None, quantize: Bits = N
         if i + 1 == len(sources):
             raise UnreadableCheckpoint(f"{source.describe()} cannot be read ({one_line(problem)})") from None
         warn(f"{source.describe()} cannot be read ({one_line(problem)}); loading step {sources[i + 1].step} instead")
+    if prefix is not None:
+        cfg, tree["prefix_encoder"] = prefix(cfg)
     return _placed(cfg, tree, mesh)
 
 

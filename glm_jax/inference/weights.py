@@ -16,6 +16,9 @@ What changes (the numbers the model computes do not):
   the compute dtype (float16 weights computing in float32) is kept on GPU/TPU, where XLA
   fuses the widening into the dot and the narrow bytes are what is read, and widened on a
   CPU, where XLA cannot fuse it. LayerNorm parameters keep their dtype.
+* **A P-tuning prefix computed once.** With ``prefix_projection`` the prefix encoder's MLP
+  runs here, once, in float32, and its output becomes the table of an encoder without
+  projection (``glm_jax.model.prefix.fold``): the same keys and values at every step.
 * **On a CPU** (one device), compact weights for the streaming matmul of
   ``glm_jax.model.linear``: INT8/INT4 leaves get ``stream=True``, and with a bfloat16
   compute dtype the four linears of every layer, the word embeddings and the head become
@@ -35,11 +38,11 @@ import numpy as np
 
 from glm_jax.config import ModelConfig
 from glm_jax.checkpoint import authors_layout, quantized
-from glm_jax.model import linear
+from glm_jax.model import linear, prefix
 from glm_jax.model.linear import Bf16Bits, QuantizedWeight
 
 # Leaves that are not matrices: kept in their stored dtype.
-_KEEP_DTYPE = ("layernorm",)
+_KEEP_DTYPE = ("layernorm", "prefix_encoder")  # the prefix is computed in float32, as the authors do
 
 
 def generation_config(cfg: ModelConfig) -> ModelConfig:
@@ -73,6 +76,7 @@ def for_generation(cfg: ModelConfig, params: Any, *, mesh=None, backend: Optiona
     ``jax.device_put``), one leaf at a time, so a host tree need not be copied whole.
     backend: where the parameters will live (default ``jax.default_backend()``).
     """
+    params, cfg = prefix.fold(params, cfg)  # a projected prefix becomes its output table, computed once
     gen_cfg = generation_config(cfg)
     params = unstack(params, cfg)
     dtype = jnp.dtype(cfg.dtype)

@@ -37,11 +37,14 @@ def attention(
     q_index: jax.Array,
     *,
     layer_scale: Optional[jax.Array] = None,
+    prefix: Optional[tuple[jax.Array, jax.Array]] = None,
 ) -> jax.Array:
     """q: ``[b, Lq, h, d]``; k_cache ``[b, h, d, S]``; v_cache ``[b, h, S, d]``; kv_start: ``[b]``;
     q_index: the slot of the first new token, a scalar or ``[b]``. Returns ``[b, Lq, h, d]``.
 
     layer_scale: c = layer index + 1 (scalar), or None for no layer scaling.
+    prefix: P-tuning's (keys, values) ``[b or 1, P, h, d]``, visible to every token, in
+      front of the cache (as ``kernels/reference.py`` puts them in front of the sequence).
     """
     b, lq, _, d = q.shape
     slots = k_cache.shape[-1]
@@ -56,7 +59,15 @@ def attention(
     start = jnp.asarray(kv_start, jnp.int32)[:, None, None]
     visible = (k_pos >= start) & (k_pos <= q_pos)  # [b, Lq, S]
     scores = jnp.where(visible[:, None], scores, jnp.float32(MASK_VALUE))
+    if prefix is not None:
+        k_p, v_p = (jnp.broadcast_to(t, (b, *t.shape[1:])) for t in prefix)
+        scores = jnp.concatenate([jnp.einsum("bqhd,bkhd->bhqk", q, k_p.astype(q.dtype), preferred_element_type=jnp.float32),
+                                  scores], -1)
     if layer_scale is not None:
         scores = scores * c
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    if prefix is not None:
+        n = k_p.shape[1]
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs[..., :n], v_p.astype(v_cache.dtype))
+        return (out + jnp.einsum("bhqk,bhkd->bqhd", probs[..., n:], v_cache)).astype(q.dtype)
     return jnp.einsum("bhqk,bhkd->bqhd", probs, v_cache).astype(q.dtype)

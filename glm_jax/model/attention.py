@@ -84,13 +84,12 @@ class Attention(nn.Module):
 
         q, k = rotary.apply_rotary(q, k, positions, cfg)
         layer_scale = (layer_index + 1) if cfg.attention_layer_scaling else None
-        if cache is not None and prefix is not None:
-            raise NotImplementedError("decoding with a KV cache does not take a P-tuning prefix yet")
+        prefix_kv = None if prefix is None else (prefix[:, :, 0], prefix[:, :, 1])
         if cache is not None:
             cache = cache.write(layer_index, k, v)
             if cache.decoding:
                 k_all, v_all = cache.layer(layer_index)
-                ctx = decode.attention(q, k_all, v_all, cache.start, cache.index, layer_scale=layer_scale)
+                ctx = decode.attention(q, k_all, v_all, cache.start, cache.index, layer_scale=layer_scale, prefix=prefix_kv)
                 return project_out(ctx), cache
 
         dropout_options = {}
@@ -100,7 +99,7 @@ class Attention(nn.Module):
         name = "xla" if prefix is not None else resolve_impl(cfg.attention_impl)
         kernel_options = {"block_sizes": flash_attention.BlockSizes.from_config(cfg)} if name == "pallas" else {}
         if prefix is not None:
-            kernel_options = {"prefix": (prefix[:, :, 0], prefix[:, :, 1])}
+            kernel_options = {"prefix": prefix_kv}
         ctx = IMPLEMENTATIONS[name](
             q,
             k,

@@ -16,6 +16,7 @@ The encoder stays float32 whatever ``model.param_dtype`` says: it is what trains
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -62,6 +63,17 @@ class PrefixEncoder(nn.Module):
             if name == "trans_0":
                 x = jnp.tanh(x)
         return x
+
+
+def fold(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+    """For inference (no dropout, nothing trained): the encoder's output computed once and
+    kept as the table of an encoder without projection, ``{"embedding": [P, layers * 2 *
+    hidden]}`` float32, with the config saying so. The same numbers at every call without
+    the projection's matmuls; parameters without a prefix pass through."""
+    if not cfg.pre_seq_len or not cfg.prefix_projection:
+        return params, cfg
+    table = PrefixEncoder(cfg).apply({"params": jax.tree.map(jnp.asarray, params["prefix_encoder"])})
+    return {**params, "prefix_encoder": {"embedding": table}}, dataclasses.replace(cfg, prefix_projection=False)
 
 
 def key_values(encoded: jax.Array, cfg: ModelConfig, batch: int, dropout: Optional[DropoutRows]) -> jax.Array:

@@ -104,3 +104,25 @@ def test_blanks_fill_left_to_right(models, generators):
 def test_bad_prompts_raise_one_clear_error(generators, bad, message):
     with pytest.raises(PromptError, match=message):
         generators["glm-130b"].generate(bad, 4)
+
+
+@pytest.mark.parametrize("projection", [False, True], ids=["embedding", "projection"])
+def test_greedy_with_a_ptuning_prefix_equals_the_uncached_loop(projection):
+    """The prefix's keys sit in front of the KV cache at every decoding step as they sit in
+    front of the sequence in the full forward (and a projected encoder, folded into its
+    output table once for generation, gives the same tokens)."""
+    from glm_jax.inference.decode import Generator
+    from helpers import variant
+    from inference_fixtures import random_params
+
+    cfg = variant("chatglm-6b", pre_seq_len=3, prefix_projection=projection)
+    params = random_params(cfg)
+    rows = prompts(cfg)
+    gen = Generator(cfg, params)
+    out = gen.generate(rows, 6)
+    width = max(len(r) for r in rows)
+    wants = uncached_greedy(cfg, params, rows, 6, gen.stop_tokens)
+    for i, want in enumerate(wants):
+        assert out[i, width:width + len(want)].tolist() == want
+    plain = Generator(variant("chatglm-6b"), {k: v for k, v in params.items() if k != "prefix_encoder"})
+    assert plain.generate(rows, 6).tolist() != out.tolist()  # the prefix changes what is generated

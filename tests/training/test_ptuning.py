@@ -2,6 +2,8 @@
 bit-identical, the optimizer holds state for the prefix alone, and the prefix's dropout
 is the same whether a step is accumulated in slices or not."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -84,3 +86,24 @@ def test_prefix_dropout_masks_each_row_by_its_index_in_the_step():
     odd = prefix.key_values(encoded, cfg, 4, DropoutRows(jax.random.key(3), jnp.int32(1), 2))
     np.testing.assert_array_equal(np.asarray(odd), np.asarray(whole[:, 1::2]))
     assert prefix.key_values(encoded, cfg, 8, None).shape[1] == 1  # no dropout: one prefix for every row
+
+
+def test_a_ptuning_run_leaves_the_authors_layout_and_generates_with_it(pretrained, tmp_path, capsys):
+    """train -> WORKDIR/ptuning (config.json + pytorch_model.bin) -> generate --ptuning-checkpoint."""
+    import json
+
+    from glm_jax import generate, train
+
+    path, _ = pretrained
+    work = tmp_path / "run"
+    assert train.main(["model.pre_seq_len=4", "finetune.method=ptuning", f"train.init_from={path}", "data.mixture=chat",
+                       "data.chat=stdlib", "train.steps=2", "train.seq_len=64", "train.eval_batches=1",
+                       f"workdir={work}"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert "parameters from" in err and result["ptuning_checkpoint"] == f"{work}/ptuning"
+    assert sorted(os.listdir(work / "ptuning")) == ["config.json", "pytorch_model.bin"]
+    assert generate.main(["--checkpoint", path, "--ptuning-checkpoint", result["ptuning_checkpoint"], "--prompt",
+                          "What does json.dumps do?", "--max-new-tokens", "3", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(answer["ids"]) >= 1
