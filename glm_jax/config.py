@@ -27,6 +27,9 @@ class ConfigError(UserError):
 DType = Literal["float32", "bfloat16", "float16"]
 
 
+LORA_TARGETS = ("qkv", "dense", "mlp_in", "mlp_out")  # model.lora_targets (glm_jax/model/lora.py)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """One configurable GLM decoder; each variant is a choice of these fields (MODEL.md §8)."""
@@ -73,6 +76,14 @@ class ModelConfig:
     prefix_projection: bool = False  # an MLP (hidden -> tanh -> layers*2*hidden) over a hidden-wide embedding
     prefix_dropout: float = 0.1  # on the prefix keys and values while training (the authors' 0.1)
 
+    # LoRA (PEFT's, as the community applies it to ChatGLM-6B): a rank-r update
+    # B @ A * lora_alpha / lora_rank beside each target linear, B starting at zero. 0 = none.
+    # Targets, comma-separated: qkv, dense, mlp_in, mlp_out. See glm_jax/model/lora.py.
+    lora_rank: int = 0
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "qkv"
+
     # Precision and memory.
     dtype: DType = "float32"  # compute dtype
     param_dtype: DType = "float32"
@@ -113,7 +124,8 @@ class ModelConfig:
     @property
     def has_dropout(self) -> bool:
         """Training draws dropout masks somewhere (attention, hidden states, the prefix)."""
-        return self.attention_dropout > 0 or self.hidden_dropout > 0 or (self.pre_seq_len > 0 and self.prefix_dropout > 0)
+        return (self.attention_dropout > 0 or self.hidden_dropout > 0 or (self.pre_seq_len > 0 and self.prefix_dropout > 0)
+                or (self.lora_rank > 0 and self.lora_dropout > 0))
 
     @property
     def alpha(self) -> float:
@@ -158,7 +170,15 @@ class ModelConfig:
         _require(not (self.pre_seq_len and self.attention_impl == "pallas"),
                  "model.attention_impl=pallas has no prefix keys; P-tuning (model.pre_seq_len > 0) runs attention_impl=xla "
                  "or auto")
-        for key in ("attention_dropout", "hidden_dropout", "prefix_dropout"):
+        _require(self.lora_rank >= 0, f"model.lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
+        if self.lora_rank:
+            names = [t for t in self.lora_targets.split(",") if t]
+            bad = [t for t in names if t not in LORA_TARGETS]
+            _require(bool(names) and not bad, f"model.lora_targets={self.lora_targets!r} is not valid; valid values "
+                                              f"(comma-separated): {', '.join(LORA_TARGETS)}")
+            _require(len(set(names)) == len(names), f"model.lora_targets={self.lora_targets!r} names a target twice")
+            _require(self.lora_alpha > 0, f"model.lora_alpha must be > 0, got {self.lora_alpha}")
+        for key in ("attention_dropout", "hidden_dropout", "prefix_dropout", "lora_dropout"):
             _require(0.0 <= getattr(self, key) < 1.0, f"model.{key} must be in [0, 1), got {getattr(self, key)}")
         for f in dataclasses.fields(self):
             if f.name.endswith("_token_id"):
@@ -409,11 +429,12 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    """Which parameters a run trains (glm_jax/training/finetune.py): all of them (full), or
-    only the P-tuning v2 prefix encoder (ptuning; model.pre_seq_len sets its length) with
-    the base frozen: no gradients, no optimizer state, bit-identical after training."""
+    """Which parameters a run trains (glm_jax/training/finetune.py): all of them (full), only
+    the P-tuning v2 prefix encoder (ptuning; model.pre_seq_len sets its length), or only the
+    LoRA adapters (lora; model.lora_rank and friends). With ptuning and lora the base is
+    frozen: no gradients, no optimizer state, bit-identical after training."""
 
-    method: Literal["full", "ptuning"] = "full"
+    method: Literal["full", "ptuning", "lora"] = "full"
 
     def validate(self) -> None:
         pass
@@ -436,6 +457,8 @@ class Config:
         self.finetune.validate()
         _require(self.finetune.method != "ptuning" or self.model.pre_seq_len > 0,
                  "finetune.method=ptuning needs model.pre_seq_len > 0, the prefix length (the authors use 128)")
+        _require(self.finetune.method != "lora" or self.model.lora_rank > 0,
+                 "finetune.method=lora needs model.lora_rank > 0 (e.g. 8), and model.lora_targets")
         _require(
             self.train.seq_len <= self.model.max_seq_len,
             f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})",
@@ -646,7 +669,7 @@ RESUME_NEUTRAL_KEYS = frozenset({
 INIT_FROM_NEUTRAL_KEYS = RESUME_NEUTRAL_KEYS | frozenset({
     "model.name", "model.attention_dropout", "model.hidden_dropout", "model.dtype", "model.param_dtype", "model.init",
     "model.init_std", "model.embedding_grad_shrink", "model.max_seq_len", "model.pre_seq_len", "model.prefix_projection",
-    "model.prefix_dropout",
+    "model.prefix_dropout", "model.lora_rank", "model.lora_alpha", "model.lora_dropout", "model.lora_targets",
 })
 
 

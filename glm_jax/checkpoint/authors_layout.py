@@ -144,6 +144,37 @@ def _layer_transforms(cfg: ModelConfig, qkv: str = "interleaved") -> list[tuple[
     out.append(("mlp.dense_4h_to_h.weight", ("mlp", "wo_kernel"), _transpose(h, f)))
     if cfg.use_bias:
         out.append(("mlp.dense_4h_to_h.bias", ("mlp", "wo_bias"), _identity(h)))
+    return out + _lora_transforms(cfg, qkv)
+
+
+LORA_MODULES = {"qkv": "attention.query_key_value", "dense": "attention.dense", "mlp_in": "mlp.dense_h_to_4h",
+                "mlp_out": "mlp.dense_4h_to_h"}
+
+
+def _lora_transforms(cfg: ModelConfig, qkv: str) -> list[tuple[str, tuple[str, ...], Transform]]:
+    """LoRA adapters (``model.lora_rank`` > 0; glm_jax/model/lora.py) under PEFT's names
+    within a layer: ``<module>.lora_A.weight [r, in]`` and ``<module>.lora_B.weight [out, r]``,
+    the output rows in the base weight's order (query_key_value interleaved per head)."""
+    r, h, nh, hd, f = cfg.lora_rank, cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+    if not r:
+        return []
+    qkv_weight, _ = _qkv_transforms(cfg, qkv)
+    b_qkv = Transform((3 * h, r), qkv_weight.split[:3] + (r,), qkv_weight.perm, lead=3, block_axis=qkv_weight.block_axis)
+    if cfg.mlp_type == "geglu":
+        b_in = Transform((2 * f, r), (2, f, r), (2, 0, 1), lead=2, block_axis=1)
+    else:
+        b_in = _transpose(f, r)
+    pairs = {
+        "qkv": (("attention", "qkv"), _transpose(r, h), b_qkv),
+        "dense": (("attention", "out"), Transform((r, nh * hd), (r, nh, hd), (1, 2, 0)), _transpose(h, r)),
+        "mlp_in": (("mlp", "wi"), _transpose(r, h), b_in),
+        "mlp_out": (("mlp", "wo"), _transpose(r, f), _transpose(h, r)),
+    }
+    out = []
+    for target in (t for t in cfg.lora_targets.split(",") if t):
+        (module, stem), a, b = pairs[target]
+        out.append((f"{LORA_MODULES[target]}.lora_A.weight", (module, f"{stem}_lora_a"), a))
+        out.append((f"{LORA_MODULES[target]}.lora_B.weight", (module, f"{stem}_lora_b"), b))
     return out
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from glm_jax.config import ModelConfig
 from glm_jax.kernels import decode, flash_attention, reference
-from glm_jax.model import init, linear, rotary
+from glm_jax.model import init, linear, lora, rotary
 from glm_jax.model.dropout import ATTENTION_PROBS, DropoutRows
 
 IMPLEMENTATIONS = {"xla": reference.attention, "pallas": flash_attention.attention}
@@ -58,6 +58,9 @@ class Attention(nn.Module):
         h, nh, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         w_qkv = linear.kernel(self, "qkv_kernel", init.qkv(cfg), (h, 3, nh, hd), jnp.dtype(cfg.param_dtype))
         qkv = linear.einsum("bld,dthk->blthk", x, w_qkv, dtype)
+        adapted = lora.update(self, "qkv", x, (h,), (3, nh, hd), ("embed",), ("qkv", "heads", "head_dim"), dropout)
+        if adapted is not None:
+            qkv = qkv + adapted
         if cfg.use_bias:
             b_qkv = self.param("qkv_bias", init.zeros(("qkv", "heads", "head_dim")), (3, nh, hd), jnp.dtype(cfg.param_dtype))
             qkv = qkv + b_qkv.astype(dtype)
@@ -77,6 +80,9 @@ class Attention(nn.Module):
                 jnp.dtype(cfg.param_dtype),
             )
             out = linear.einsum("blhk,hkd->bld", ctx, w_o, dtype)
+            adapted = lora.update(self, "dense", ctx, (nh, hd), (h,), ("heads", "head_dim"), ("embed",), dropout)
+            if adapted is not None:
+                out = out + adapted
             if cfg.use_bias:
                 b_o = self.param("out_bias", init.zeros(("embed",)), (h,), jnp.dtype(cfg.param_dtype))
                 out = out + b_o.astype(dtype)

@@ -62,9 +62,9 @@ class Block(nn.Module):
             attended, cache = attn(a, layer_index, positions, part_a_end, segment_ids, cache, dropout, prefix)
             y = a * alpha + drop(attended, rate, dropout, AFTER_ATTENTION)
             b = ln_post(y)
-            out = b * alpha + drop(mlp(b), rate, dropout, AFTER_MLP)
+            out = b * alpha + drop(mlp(b, dropout), rate, dropout, AFTER_MLP)
         else:
             attended, cache = attn(ln_in(x), layer_index, positions, part_a_end, segment_ids, cache, dropout, prefix)
             y = x + drop(attended, rate, dropout, AFTER_ATTENTION)
-            out = y + drop(mlp(ln_post(y)), rate, dropout, AFTER_MLP)
+            out = y + drop(mlp(ln_post(y), dropout), rate, dropout, AFTER_MLP)
         return nn.with_logical_constraint(out, ("batch", "length", "act_embed")), cache

@@ -2,6 +2,8 @@
 
 * ``full``: every parameter.
 * ``ptuning``: only the prefix encoder (``prefix_encoder/...``, glm_jax/model/prefix.py).
+* ``lora``: only the LoRA adapters (``*_lora_a``, ``*_lora_b`` beside their kernels,
+  glm_jax/model/lora.py).
 
 The train step differentiates the trainable part only and merges the frozen part back
 in unchanged, so the frozen base costs no gradient, no optimizer state and no update, and
@@ -15,6 +17,8 @@ from typing import Any
 
 from flax import traverse_util
 
+from glm_jax.model import lora
+
 Path = tuple[str, ...]
 
 
@@ -23,13 +27,15 @@ def is_trainable(path: Path, method: str) -> bool:
         return True
     if method == "ptuning":
         return path[0] == "prefix_encoder"
+    if method == "lora":
+        return lora.is_adapter(path[-1])
     raise ValueError(f"unknown finetune.method {method!r}")
 
 
 def is_new(path: Path) -> bool:
     """Parameters a fine-tuning run adds to its base (absent from the checkpoint it starts
-    from, initialised fresh): the prefix encoder."""
-    return path[0] == "prefix_encoder"
+    from, initialised fresh): the prefix encoder, LoRA adapters."""
+    return path[0] == "prefix_encoder" or lora.is_adapter(path[-1])
 
 
 def split(tree: Any, method: str) -> tuple[dict, dict]:
