@@ -129,9 +129,11 @@ def _fake(bin_dir, name: str, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
+# One os.write per call on an O_APPEND file: the slices of a multislice launch record at the
+# same time, and a line written in pieces could interleave with another.
 RECORD = (
-    'python3 -c \'import json, os, sys; print(json.dumps({"argv": sys.argv[1:], '
-    '"JAX_LOCAL_DEVICE_IDS": os.environ.get("JAX_LOCAL_DEVICE_IDS")}))\' "$@" >> "$CALLS"\n'
+    'python3 -c \'import json, os, sys; os.write(1, (json.dumps({"argv": sys.argv[1:], '
+    '"JAX_LOCAL_DEVICE_IDS": os.environ.get("JAX_LOCAL_DEVICE_IDS")}) + "\\n").encode())\' "$@" >> "$CALLS"\n'
 )
 
 
