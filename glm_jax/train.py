@@ -19,16 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Optional, Sequence
 
 from glm_jax import cli
 
 PTUNING_DIR = "ptuning"  # in the workdir: the prefix as the authors' trainer saves it
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -41,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from glm_jax.parallel import distributed
 
     info = distributed.initialize()
-    from glm_jax.training.loop import SIGTERM, TrainingRun
+    from glm_jax.training.loop import SIGTERM, TrainingRun, log
 
     SIGTERM.install()  # from here on a SIGTERM stops the run cleanly, start-up included
     try:
@@ -50,12 +45,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         SIGTERM.uninstall()
     if distributed.is_main_process():
         if cfg.finetune.method == "ptuning" and cfg.workdir:
-            result["ptuning_checkpoint"] = _export_prefix(cfg.workdir)
+            result["ptuning_checkpoint"] = _export_prefix(cfg.workdir, log)
         print(json.dumps(result), flush=True)
     return 0
 
 
-def _export_prefix(workdir: str) -> Optional[str]:
+def _export_prefix(workdir: str, log) -> Optional[str]:
     """The run's prefix in the authors' layout too (``WORKDIR/ptuning``: config.json +
     pytorch_model.bin), which their loader and ``--ptuning-checkpoint`` read; it needs torch."""
     out = workdir.rstrip("/") + "/" + PTUNING_DIR

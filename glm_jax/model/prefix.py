@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from glm_jax.config import ModelConfig
-from glm_jax.kernels import dropout_hash
-from glm_jax.model.dropout import DropoutRows
+from glm_jax.model.dropout import DropoutRows, drop
 
 
 
@@ -82,11 +81,7 @@ def key_values(encoded: jax.Array, cfg: ModelConfig, batch: int, dropout: Option
     a mask per row; without, 1 (the same prefix for every row)."""
     p, nh, hd = cfg.pre_seq_len, cfg.num_heads, cfg.head_dim
     kv = encoded.astype(jnp.dtype(cfg.dtype)).reshape(1, p, cfg.num_layers, 2, nh, hd)
-    rate = cfg.prefix_dropout
-    if dropout is not None and rate > 0.0:
-        kv = jnp.broadcast_to(kv, (batch, *kv.shape[1:]))
+    if dropout is not None and cfg.prefix_dropout > 0.0:
         # keyed like a layer past the last, so no layer's dropout shares its bits
-        site = dropout.for_layer(cfg.num_layers).site(0)
-        keep = dropout_hash.keep_rows(site, rate, dropout.rows(batch), kv.shape[1:])
-        kv = jnp.where(keep, kv / jnp.asarray(1.0 - rate, kv.dtype), jnp.zeros((), kv.dtype))
+        kv = drop(jnp.broadcast_to(kv, (batch, *kv.shape[1:])), cfg.prefix_dropout, dropout.for_layer(cfg.num_layers), 0)
     return jnp.moveaxis(kv, 2, 0)

@@ -151,8 +151,8 @@ def loss_and_grads(
 ):
     """Loss, target-token count and the gradients the optimizer sees (embedding shrink applied).
 
-    ``params`` is what is differentiated; ``frozen`` (P-tuning's base) the rest of the
-    model's parameters, merged in and never differentiated.
+    ``params`` is what is differentiated; ``frozen`` (the base under P-tuning or LoRA) the
+    rest of the model's parameters, merged in and never differentiated.
 
     With ``microbatches`` > 1 the batch is processed in slices whose summed-loss gradients
     are accumulated in float32 and divided by the whole batch's target count at the end:
