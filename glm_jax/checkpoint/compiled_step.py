@@ -141,8 +141,12 @@ class LoadedStep:
         args, _ = self.compiled.args_info
         return args  # (state, batch)
 
+    @functools.cached_property
+    def _batch_signature(self) -> tuple:
+        return _signature(self._parts()[1])
+
     def accepts(self, batch) -> bool:
-        return _signature(batch) == _signature(self._parts()[1])
+        return _signature(batch) == self._batch_signature
 
     def check_arguments(self, abstract_state, abstract_batch) -> None:
         """Refuse when this run's train state or full-size batch has other shapes, dtypes or

@@ -18,7 +18,9 @@ What changes (the numbers the model computes do not):
   CPU, where XLA cannot fuse it. LayerNorm parameters keep their dtype.
 * **A P-tuning prefix computed once.** With ``prefix_projection`` the prefix encoder's MLP
   runs here, once, in float32, and its output becomes the table of an encoder without
-  projection (``glm_jax.model.prefix.fold``): the same keys and values at every step.
+  projection (``glm_jax.model.prefix.fold``); the table is then cast to the compute dtype
+  like the other tables, as the authors cast the encoder's float32 output, so a decoding
+  step neither recomputes nor converts it.
 * **On a CPU** (one device), compact weights for the streaming matmul of
   ``glm_jax.model.linear``: INT8/INT4 leaves get ``stream=True``, and with a bfloat16
   compute dtype the four linears of every layer, the word embeddings and the head become
@@ -42,7 +44,7 @@ from glm_jax.model import linear, prefix
 from glm_jax.model.linear import Bf16Bits, QuantizedWeight
 
 # Leaves that are not matrices: kept in their stored dtype.
-_KEEP_DTYPE = ("layernorm", "prefix_encoder")  # the prefix is computed in float32, as the authors do
+_KEEP_DTYPE = ("layernorm",)
 
 
 def generation_config(cfg: ModelConfig) -> ModelConfig:
