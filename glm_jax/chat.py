@@ -16,7 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 from glm_jax.cli import run_main
-from glm_jax.convert import ptuning
+from glm_jax.convert import lora_adapter, ptuning
 from glm_jax.inference import cli
 from glm_jax.inference.sampling import CHATGLM_CHAT
 from glm_jax.data.chat import chat_prompt
@@ -52,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.max_new_tokens < 1:
         raise cli.UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     sampling = cli.sampling_from_args(args)
-    model, text = cli.load_model_and_text(args, read_prefix=ptuning.read)
+    model, text = cli.load_model_and_text(args, read_prefix=ptuning.read, read_adapter=lora_adapter.read)
     say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     say(f"glm_jax chat: {model.config.name}; 'clear' starts over, 'exit' leaves")
     history: list[tuple[str, str]] = []

@@ -18,7 +18,7 @@ import sys
 from typing import Optional, Sequence
 
 from glm_jax.cli import run_main
-from glm_jax.convert import ptuning
+from glm_jax.convert import lora_adapter, ptuning
 from glm_jax.inference import cli
 from glm_jax.inference.sampling import Sampling
 from glm_jax.inference.text import until_stop
@@ -44,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.stream and len(args.prompt) != 1:
         raise cli.UsageError("--stream prints one answer as it is generated: give a single --prompt")
     sampling = cli.sampling_from_args(args)
-    model, text = cli.load_model_and_text(args, read_prefix=ptuning.read)
+    model, text = cli.load_model_and_text(args, read_prefix=ptuning.read, read_adapter=lora_adapter.read)
     stops = model.generator.stop_tokens
 
     results = []

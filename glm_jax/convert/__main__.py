@@ -1,4 +1,4 @@
-"""``python -m glm_jax.convert {from-hf,to-hf,from-sat,to-sat,export,export-ptuning} --src DIR --dst DIR [...]``.
+"""``python -m glm_jax.convert {from-hf,to-hf,from-sat,to-sat,export,export-ptuning,export-lora,merge-lora} --src DIR --dst DIR [...]``.
 
 to-hf, to-sat and export read a params directory (from from-hf / from-sat / export) or a
 training workdir (``--step N``, default its newest checkpoint). Bad input (a missing
@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the layers' linears as INT8/INT4 weight + weight_scale (0: dense); default: as the from-hf source")
     t.add_argument("--format", dest="fmt", choices=("bin", "safetensors"), default="bin", help="weight file format (default: bin)")
     t.add_argument("--max-shard-size", type=parse_size, default="2GB", help="split into shards with an index above this (default: 2GB)")
+    t.add_argument("--merge-lora", action="store_true",
+                   help="fold LoRA adapters into the weights: the source's own (a finetune.method=lora run) or --adapter's")
+    t.add_argument("--adapter", default=None, help="with --merge-lora: a PEFT LoRA adapter directory or a glm_jax LoRA "
+                   "run whose adapters to merge into --src")
     t.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     t.add_argument("--quiet", action="store_true", help="no progress line")
 
@@ -90,25 +94,38 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     ts.add_argument("--quiet", action="store_true", help="no progress line")
 
-    ex = sub.add_parser("export", help="training workdir -> standalone glm_jax params directory",
-                        description="Write the parameters of one checkpoint of a training workdir (no optimizer state) "
-                                    "as a params directory (config.yaml + params/) that glm_jax.load, to-hf, to-sat and "
-                                    "generate read, for sharing or archiving.")
-    ex.add_argument("--src", required=True, help=SRC_HELP)
-    ex.add_argument("--dst", required=True, help="output directory (config.yaml, params/)")
-    ex.add_argument("--step", type=int, default=None, help=STEP_HELP)
-    ex.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    ex.add_argument("--quiet", action="store_true", help="no progress line")
+    def from_run(name, help, description, dst_help, quiet_help="no progress line", src_help=SRC_HELP):
+        """A subcommand that reads a params directory or a workdir (--src, --step) and writes --dst."""
+        q = sub.add_parser(name, help=help, description=description)
+        q.add_argument("--src", required=True, help=src_help)
+        q.add_argument("--dst", required=True, help=dst_help)
+        q.add_argument("--step", type=int, default=None, help=STEP_HELP)
+        q.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+        q.add_argument("--quiet", action="store_true", help=quiet_help)
+        return q
 
-    ep = sub.add_parser("export-ptuning", help="glm_jax P-tuning run -> the authors' P-tuning checkpoint",
-                        description="Write the prefix encoder of a P-tuning run (finetune.method=ptuning) as ChatGLM-6B's "
-                                    "P-tuning trainer saves it: config.json (with pre_seq_len, prefix_projection) and "
-                                    "pytorch_model.bin holding transformer.prefix_encoder.* in float32. Needs torch.")
-    ep.add_argument("--src", required=True, help=SRC_HELP)
-    ep.add_argument("--dst", required=True, help="output directory (config.json, pytorch_model.bin)")
-    ep.add_argument("--step", type=int, default=None, help=STEP_HELP)
-    ep.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    ep.add_argument("--quiet", action="store_true", help="(accepted for symmetry; the export is one small file)")
+    small = "(accepted for symmetry; the export is one small file)"
+    from_run("export", "training workdir -> standalone glm_jax params directory",
+             "Write the parameters of one checkpoint of a training workdir (no optimizer state) as a params directory "
+             "(config.yaml + params/) that glm_jax.load, to-hf, to-sat and generate read, for sharing or archiving.",
+             "output directory (config.yaml, params/)")
+    from_run("export-ptuning", "glm_jax P-tuning run -> the authors' P-tuning checkpoint",
+             "Write the prefix encoder of a P-tuning run (finetune.method=ptuning) as ChatGLM-6B's P-tuning trainer "
+             "saves it: config.json (with pre_seq_len, prefix_projection) and pytorch_model.bin holding "
+             "transformer.prefix_encoder.* in float32. Needs torch.",
+             "output directory (config.json, pytorch_model.bin)", small)
+    from_run("export-lora", "glm_jax LoRA run -> PEFT LoRA adapter",
+             "Write the adapters of a LoRA run (finetune.method=lora) as PEFT saves a LoRA adapter for ChatGLM-6B: "
+             "adapter_config.json and adapter_model.safetensors with "
+             "base_model.model.transformer.layers.N.<module>.lora_A/lora_B.weight in float32. Needs safetensors.",
+             "output directory (adapter_config.json, adapter_model.safetensors)", small)
+    ml = from_run("merge-lora", "LoRA adapters + base -> glm_jax params directory with merged weights",
+                  "Fold LoRA adapters into their base's kernels (W + B A alpha/r, in float32, stored in the base's "
+                  "dtype) and write a plain params directory: the adapters of a LoRA run (--src alone), or a PEFT "
+                  "adapter / LoRA run (--adapter) over any base (--src).",
+                  "output directory (config.yaml, params/)", src_help=SRC_HELP + "; a LoRA run, or the base for --adapter")
+    ml.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory (adapter_config.json + "
+                    "adapter_model.safetensors or .bin) or a glm_jax LoRA run")
     return p
 
 
@@ -126,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from glm_jax.convert import to_hf
 
             out = to_hf.convert(args.src, args.dst, dtype=args.dtype, fmt=args.fmt, quantize=args.quantize,
-                                max_shard_bytes=args.max_shard_size,
+                                max_shard_bytes=args.max_shard_size, merge_lora=args.merge_lora, adapter=args.adapter,
                                 overwrite=args.overwrite, progress=not args.quiet)
         elif args.command == "from-sat":
             from glm_jax.convert import from_sat
@@ -144,6 +161,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from glm_jax.convert import ptuning
 
             out = ptuning.export(args.src, args.dst, step=args.step, overwrite=args.overwrite)
+        elif args.command == "export-lora":
+            from glm_jax.convert import lora_adapter
+
+            out = lora_adapter.export(args.src, args.dst, step=args.step, overwrite=args.overwrite)
+        elif args.command == "merge-lora":
+            from glm_jax.convert import lora_adapter
+            from glm_jax.convert.progress import Progress
+
+            bar = None if args.quiet else Progress(1, "merge-lora")
+            out = lora_adapter.merge(args.src, args.dst, adapter=args.adapter, step=args.step, overwrite=args.overwrite,
+                                     progress=bar.set if bar else None)
+            if bar:
+                bar.close()
         else:
             from glm_jax.checkpoint import params
             from glm_jax.convert.progress import Progress

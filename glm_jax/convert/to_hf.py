@@ -60,17 +60,30 @@ def convert(
     quantize: Optional[int] = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     step: Optional[int] = None,
+    merge_lora: bool = False,
+    adapter: Optional[str] = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Convert a params directory or a training workdir (at ``step``, default its newest
     checkpoint); ``quantize`` 4/8 writes INT4/INT8 linears, 0 dense ones, None as the
-    from-hf source was."""
+    from-hf source was. ``merge_lora``: fold LoRA adapters in first, the source's own or
+    ``adapter``'s (``glm_jax.convert.lora_adapter.merge``, into a scratch directory beside
+    ``dst`` that is removed afterwards)."""
+    if adapter is not None and not merge_lora:
+        raise ConvertError("--adapter is merged into the weights: pass --merge-lora with it")
+    if merge_lora:
+        return _merged_then_converted(src, dst, adapter=adapter, step=step, dtype=dtype, fmt=fmt, quantize=quantize,
+                                      max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress)
     params_write.check_dtype(dtype)
     if fmt not in FORMATS:
         raise ConvertError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     stored = params_read.open_source(src, step)
     cfg = stored.config
+    if cfg.lora_rank:
+        raise ConvertError(f"{src} has LoRA adapters (model.lora_rank={cfg.lora_rank}), which the authors' model "
+                           "has no place for: pass --merge-lora to fold them into the weights, or write them alone "
+                           "with export-lora")
     hf_config.check_representable(cfg)
     record = stored.source.record(directory.HF_SOURCE)
     bits = record.get("quantization_bit", 0) if quantize is None else quantize
@@ -145,6 +158,25 @@ def convert(
             json.dump(hf_config.hf_config(cfg, weights_dtype, record.get("config"), quantization_bit=bits), f, indent=2)
         seconds = bar.close()
     return {"bytes": bar.total, "seconds": seconds, "files": names}
+
+
+def _merged_then_converted(src: str, dst: str, *, adapter: Optional[str], step: Optional[int], **options) -> dict:
+    import shutil
+    import tempfile
+
+    from glm_jax.convert import lora_adapter
+
+    if os.path.exists(dst) and not options["overwrite"]:
+        raise ConvertError(f"{os.path.abspath(dst)} already exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(dst)) + ".merging-", dir=parent)
+    try:
+        merged = os.path.join(scratch, "merged")
+        lora_adapter.merge(src, merged, adapter=adapter, step=step)
+        return convert(merged, dst, **options)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 class _Kept(quantized.KeptTensors):

@@ -136,6 +136,9 @@ def convert(
         raise ConvertError(f"--quantize {quantize}: expected 0, 4 or 8")
     stored = params_read.open_source(src, step)
     cfg = stored.config
+    if cfg.lora_rank:
+        raise ConvertError(f"{src} has LoRA adapters (model.lora_rank={cfg.lora_rank}): fold them in first with "
+                           "convert merge-lora, or write them alone with export-lora")
     fmt = sat_layout.layout_of(cfg)
     why = sat_layout.check_representable(cfg, fmt)
     if why:

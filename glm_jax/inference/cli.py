@@ -38,6 +38,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ptuning-checkpoint", default=None,
                    help="a P-tuning v2 prefix for the --checkpoint base: the authors' checkpoint directory (config.json "
                         "with pre_seq_len + pytorch_model.bin) or a glm_jax P-tuning run")
+    g.add_argument("--lora-adapter", default=None,
+                   help="LoRA adapters to merge into the --checkpoint base on load: a PEFT adapter directory "
+                        "(adapter_config.json + adapter_model.safetensors) or a glm_jax LoRA run")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, defaults: Sampling, max_new_tokens: int) -> None:
@@ -80,10 +83,11 @@ def check_model_parallel(n: int, cfg) -> None:
                          f"{cfg.mlp_dim} MLP units; valid values: {', '.join(map(str, valid))}")
 
 
-def load_model_and_text(args, read_prefix=None):
+def load_model_and_text(args, read_prefix=None, read_adapter=None):
     """(LoadedModel, PromptText) from the model flags; every problem is one clear line.
     ``read_prefix(path, base config)``: reads ``--ptuning-checkpoint`` (the entry points pass
-    ``glm_jax.convert.ptuning.read``)."""
+    ``glm_jax.convert.ptuning.read``); ``read_adapter`` likewise ``--lora-adapter``
+    (``glm_jax.convert.lora_adapter.read``)."""
     ckpt = args.checkpoint
     if not os.path.isdir(ckpt):
         raise UsageError(f"--checkpoint {ckpt}: no such directory")
@@ -99,7 +103,10 @@ def load_model_and_text(args, read_prefix=None):
         prefix = None
         if args.ptuning_checkpoint:
             prefix = lambda base: read_prefix(args.ptuning_checkpoint, base)  # noqa: E731
-        model = load(ckpt, dtype=args.dtype, quantize=args.quantize, mesh=mesh, prefix=prefix)
+        adapter = None
+        if args.lora_adapter:
+            adapter = lambda base: read_adapter(args.lora_adapter, base)  # noqa: E731
+        model = load(ckpt, dtype=args.dtype, quantize=args.quantize, mesh=mesh, prefix=prefix, adapter=adapter)
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
     cfg = model.config

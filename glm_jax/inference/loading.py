@@ -160,7 +160,8 @@ def _placed(cfg: ModelConfig, params: Any, mesh) -> LoadedModel:
 
 def load(checkpoint_dir: str, *, dtype: Optional[str] = None, quantize: Bits = None, mesh=None,
          step: Optional[int] = None, warn: Optional[Callable[[str], None]] = None,
-         prefix: Optional[Callable[[ModelConfig], tuple[ModelConfig, dict]]] = None) -> LoadedModel:
+         prefix: Optional[Callable[[ModelConfig], tuple[ModelConfig, dict]]] = None,
+         adapter: Optional[Callable[[ModelConfig], tuple[ModelConfig, dict]]] = None) -> LoadedModel:
     """Restore ``checkpoint_dir`` (a converted checkpoint or a training workdir).
 
     dtype: compute dtype override (converted checkpoints compute in float32; parameters
@@ -176,6 +177,10 @@ def load(checkpoint_dir: str, *, dtype: Optional[str] = None, quantize: Bits = N
     prefix: a P-tuning prefix to add, as ``prefix(base config) -> (config with the prefix,
       prefix encoder parameters)`` (``glm_jax.load(..., ptuning_checkpoint=...)`` passes
       ``glm_jax.convert.ptuning.read``); it stays float32 whatever the base's weights are.
+    adapter: LoRA adapters to add, as ``adapter(base config) -> (config with the adapters,
+      {leaf path: array})`` (``glm_jax.load(..., lora_adapter=...)`` passes
+      ``glm_jax.convert.lora_adapter.read``). Adapters, these or a LoRA run's own, are merged
+      into the kernels before any quantization, so generation costs what the base costs.
     """
     from glm_jax.inference import quantize as qz  # imports jax: not at `import glm_jax`
 
@@ -183,7 +188,7 @@ def load(checkpoint_dir: str, *, dtype: Optional[str] = None, quantize: Bits = N
     sources = directory.candidates(checkpoint_dir, step)
     for i, source in enumerate(sources):
         try:
-            cfg, tree = _read(source, dtype, parse_bits(quantize), qz)
+            cfg, tree = _read(source, dtype, parse_bits(quantize), qz, adapter)
             break
         except UserError as e:
             if not isinstance(e, UnreadableCheckpoint):
@@ -199,8 +204,12 @@ def load(checkpoint_dir: str, *, dtype: Optional[str] = None, quantize: Bits = N
     return _placed(cfg, tree, mesh)
 
 
-def _read(source: directory.Source, dtype: Optional[str], bits: Optional[int], qz) -> tuple[ModelConfig, Any]:
-    """The model config and the parameter tree (numpy, quantized as asked) of one source."""
+def _read(source: directory.Source, dtype: Optional[str], bits: Optional[int], qz, adapter=None) -> tuple[ModelConfig, Any]:
+    """The model config and the parameter tree (numpy, LoRA merged, quantized as asked) of one source."""
+    from flax import traverse_util
+
+    from glm_jax.model import lora
+
     stored = params.open_params(source)
     cfg = stored.config
     if dtype is not None:
@@ -208,9 +217,23 @@ def _read(source: directory.Source, dtype: Optional[str], bits: Optional[int], q
         cfg.validate()
     have = params.stored_bits(source)
     bits = have if bits is None else bits
-    # With the release's own quantized tensors, the dense copies of the linears are not read.
-    keep = {e.path for e in authors_layout.entries(cfg) if quantized.is_quantized_linear(e.key)} if bits and bits == have else set()
+    merging = bool(cfg.lora_rank) or adapter is not None
+    # With the release's own quantized tensors, the dense copies of the linears are not read
+    # (unless adapters are merged into them: then the dense weights are quantized afresh).
+    keep = set()
+    if bits and bits == have and not merging:
+        keep = {e.path for e in authors_layout.entries(cfg) if quantized.is_quantized_linear(e.key)}
     tree = stored.tree(skip=keep)
+    if adapter is not None:
+        if cfg.lora_rank:
+            raise UserError(f"{source.describe()} already has LoRA adapters (model.lora_rank={cfg.lora_rank}); "
+                            "load it without another adapter")
+        cfg, leaves = adapter(cfg)
+        flat = traverse_util.flatten_dict(tree)
+        flat.update(leaves)
+        tree = traverse_util.unflatten_dict(flat)
+    if cfg.lora_rank:
+        tree, cfg = lora.merge(tree, cfg)
     if keep:
         tree = qz.from_authors(tree, cfg, bits, quantized.KeptTensors(source.quantized_dir).pair)
     elif bits:

@@ -77,28 +77,43 @@ def update(module: nn.Module, target: str, x: jax.Array, in_shape: Sequence[int]
     return y * jnp.asarray(cfg.lora_alpha / r, dtype)
 
 
+def merged_kernel(w, a, b, scale: float, stacked: bool):
+    """``w + a @ b * scale`` for one kernel (numpy, float32 math, ``w``'s dtype kept); with
+    ``stacked`` every array carries a leading layers axis and the layers merge one by one."""
+    import numpy as np  # the merge runs on host arrays: converters merge leaf by leaf
+
+    if stacked:
+        return np.stack([merged_kernel(w[i], a[i], b[i], scale, False) for i in range(w.shape[0])])
+    a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    delta = np.tensordot(a32, b32, axes=((a32.ndim - 1,), (0,)))
+    w = np.asarray(w)
+    return (w.astype(np.float32) + delta * np.float32(scale)).astype(w.dtype)
+
+
+def kernel_paths(flat: dict, cfg: ModelConfig):
+    """(kernel path, A path, B path) of every adapted kernel in a flattened parameter tree."""
+    for target in targets(cfg):
+        kernel = KERNELS[target][1]
+        a_name, b_name = leaf_names(kernel)
+        for path in [k for k in flat if k[-1] == a_name]:
+            yield path[:-1] + (kernel,), path, path[:-1] + (b_name,)
+
+
 def merge(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
     """The parameters with every adapter folded into its kernel (``W + A @ B * alpha / r``,
     computed in float32, stored in the kernel's dtype) and the adapters removed; the config
-    without LoRA. Works on stacked (``layers/block``) and unrolled layers."""
+    without LoRA. Works on stacked (``layers/block``) and unrolled layers; host arrays out."""
     if not cfg.lora_rank:
         return params, cfg
     flat = traverse_util.flatten_dict(params)
-    scale = cfg.lora_alpha / cfg.lora_rank
     out = {k: v for k, v in flat.items() if not is_adapter(k[-1])}
-    for target in targets(cfg):
-        module, kernel, _ = KERNELS[target]
-        a_name, b_name = leaf_names(kernel)
-        for path in [k for k in flat if k[-1] == a_name]:
-            a, b = jnp.asarray(flat[path], jnp.float32), jnp.asarray(flat[path[:-1] + (b_name,)], jnp.float32)
-            w_path = path[:-1] + (kernel,)
-            w = flat[w_path]
-            stacked = path[0] == "layers"  # a leading layers axis (scan_layers)
-            lead = 1 if stacked else 0
-            n_in = a.ndim - 1 - lead
-            if stacked:
-                delta = jax.vmap(lambda a_, b_: jnp.tensordot(a_, b_, axes=((n_in,), (0,))))(a, b)
-            else:
-                delta = jnp.tensordot(a, b, axes=((n_in,), (0,)))
-            out[w_path] = (jnp.asarray(w, jnp.float32) + delta * scale).astype(w.dtype)
-    return traverse_util.unflatten_dict(out), dataclasses.replace(cfg, lora_rank=0)
+    for w_path, a_path, b_path in kernel_paths(flat, cfg):
+        out[w_path] = merged_kernel(flat[w_path], flat[a_path], flat[b_path], cfg.lora_alpha / cfg.lora_rank,
+                                    stacked=w_path[0] == "layers")
+    return traverse_util.unflatten_dict(out), without_lora(cfg)
+
+
+def without_lora(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with the LoRA keys at their defaults (no adapters)."""
+    defaults = ModelConfig()
+    return dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")})
