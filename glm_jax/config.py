@@ -432,9 +432,19 @@ class FinetuneConfig:
     """Which parameters a run trains (glm_jax/training/finetune.py): all of them (full), only
     the P-tuning v2 prefix encoder (ptuning; model.pre_seq_len sets its length), or only the
     LoRA adapters (lora; model.lora_rank and friends). With ptuning and lora the base is
-    frozen: no gradients, no optimizer state, bit-identical after training."""
+    frozen: no gradients, no optimizer state, bit-identical after training.
+
+    quantize_base: keep the frozen base's linears (QKV, attention output, both MLP
+    projections of every layer) as weight-only INT8/INT4 in the train state, quantized
+    as the authors quantize their release (glm_jax/model/linear.py), as P-tuning v2 and
+    QLoRA fit a 6B base on one small accelerator. Only with ptuning or lora."""
 
     method: Literal["full", "ptuning", "lora"] = "full"
+    quantize_base: Literal["none", "int8", "int4"] = "none"
+
+    @property
+    def base_bits(self) -> int:
+        return {"none": 0, "int8": 8, "int4": 4}[self.quantize_base]
 
     def validate(self) -> None:
         pass
@@ -459,6 +469,9 @@ class Config:
                  "finetune.method=ptuning needs model.pre_seq_len > 0, the prefix length (the authors use 128)")
         _require(self.finetune.method != "lora" or self.model.lora_rank > 0,
                  "finetune.method=lora needs model.lora_rank > 0 (e.g. 8), and model.lora_targets")
+        _require(self.finetune.quantize_base == "none" or self.finetune.method != "full",
+                 f"finetune.quantize_base={self.finetune.quantize_base} keeps a frozen base quantized, but "
+                 "finetune.method=full trains the base: use ptuning or lora, or quantize_base=none")
         _require(
             self.train.seq_len <= self.model.max_seq_len,
             f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})",

@@ -45,6 +45,8 @@ class StoredParams:
     run_config: Config
     reader: store.CheckpointReader
     shapes: dict[Path, tuple[int, ...]]
+    # kernels a run with finetune.quantize_base keeps as INT8/INT4 ``q`` + ``scale`` leaves
+    quantized: frozenset = frozenset()
 
     @property
     def config(self) -> ModelConfig:
@@ -52,12 +54,30 @@ class StoredParams:
 
     def array(self, path: Path):
         """The tensorstore array of one leaf (path within the parameter tree)."""
+        if path in self.quantized:
+            raise CheckpointError(f"{self.source.describe()}: parameter {'/'.join(path)} is stored quantized "
+                                  f"(finetune.quantize_base={self.run_config.finetune.quantize_base}); it reads only "
+                                  "as a whole (dequantized) tensor")
         return self.reader.open(self.source.prefix + tuple(path))
 
     def read(self, path: Path, region: Optional[tuple] = None) -> np.ndarray:
+        """One leaf (or ``region`` of it) as stored; a quantized kernel dequantized to float32."""
+        if path in self.quantized:
+            return self._dequantized(path, region)
         return self.reader.read(self.source.prefix + tuple(path), region)
 
+    def _dequantized(self, path: Path, region: Optional[tuple]) -> np.ndarray:
+        # The INT4 unpacking and scaling live with the quantized matmul (and import jax): only here.
+        from glm_jax.model.linear import QuantizedWeight
+
+        lead = region if region is not None and len(region) == 1 else None  # a run of layers of a stacked leaf
+        q, scale = (self.reader.read(self.source.prefix + tuple(path) + (k,), lead) for k in ("q", "scale"))
+        w = np.asarray(QuantizedWeight(q, scale, bits=self.run_config.finetune.base_bits).dequantize(np.float32))
+        return w if region is None or lead is not None else w[region]
+
     def dtype_name(self, path: Path) -> str:
+        if path in self.quantized:
+            return "float32"
         return np.dtype(self.array(path).dtype.numpy_dtype).name
 
     def tree(self, skip: Sequence[Path] = ()) -> dict:
@@ -85,7 +105,11 @@ def open_params(source: Source) -> StoredParams:
     got = {p[n:]: p for p in reader.leaves if p[:n] == source.prefix}
     want = authors_layout.leaf_shapes(cfg)
     where = directory.PARAMS + "/" if not source.is_workdir else f"the step-{source.step} checkpoint"
+    quantized = set()
     for path, shape in want.items():
+        if path not in got and run_config.finetune.base_bits and path + ("q",) in got and path + ("scale",) in got:
+            quantized.add(path)  # a frozen base kept quantized (finetune.quantize_base)
+            continue
         if path not in got:
             raise CheckpointError(
                 f"{source.describe()}: parameter {'/'.join(path)} is missing from {where} ({directory.CONFIG} implies it)"
@@ -100,12 +124,12 @@ def open_params(source: Source) -> StoredParams:
                 f"{source.describe()}: parameter {'/'.join(path)} has shape {list(have)}, but {directory.CONFIG} "
                 f"implies {list(shape)}"
             )
-    extra = sorted(set(got) - set(want))
+    extra = sorted(set(got) - set(want) - {p + (k,) for p in quantized for k in ("q", "scale")})
     if extra:
         raise CheckpointError(
             f"{source.describe()}: parameter {'/'.join(extra[0])} is not part of the model {directory.CONFIG} describes"
         )
-    return StoredParams(source, run_config, reader, want)
+    return StoredParams(source, run_config, reader, want, frozenset(quantized))
 
 
 def read_onto(stored: StoredParams, targets: dict) -> dict:

@@ -247,12 +247,12 @@ def merge(src: str, dst: str, *, adapter: Optional[str] = None, step: Optional[i
 
     out_cfg = lora.without_lora(cfg)
     shapes = authors_layout.leaf_shapes(out_cfg)
-    total = sum(math.prod(s) * np.dtype(stored.array(p).dtype.numpy_dtype).itemsize for p, s in shapes.items())
+    total = sum(math.prod(s) * np.dtype(stored.dtype_name(p)).itemsize for p, s in shapes.items())
     with directory.staged_output(dst, overwrite=overwrite) as tmp:
         writer = store.CheckpointWriter(os.path.join(tmp, directory.PARAMS))
         done = 0
         for path, shape in shapes.items():
-            dtype = np.dtype(stored.array(path).dtype.numpy_dtype)
+            dtype = np.dtype(stored.dtype_name(path))
             stacked = path[0] == "layers"
             chunk = ((1,) + params.chunk_shape(shape[1:], dtype.itemsize)) if stacked else params.chunk_shape(shape, dtype.itemsize)
             arr = writer.create(path, shape, dtype, chunk)

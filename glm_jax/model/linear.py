@@ -91,6 +91,36 @@ class QuantizedWeight:
         return (q * scale).astype(dtype)
 
 
+# The linears of a layer that weight-only quantization covers, and how many leading
+# (input, contracted) axes each kernel has; the rest are its output axes.
+QUANTIZED_KERNELS = {"qkv_kernel": 1, "out_kernel": 2, "wi_kernel": 1, "wo_kernel": 1}
+
+
+def quantize_kernel(w: jax.Array, bits: int, num_in_axes: int, stacked: bool = False) -> QuantizedWeight:
+    """A float kernel ``[*in, *out]`` (``[layers, *in, *out]`` when ``stacked``) quantized as
+    the authors quantize their fp16 release (``glm_jax.checkpoint.quantized.quantize``, the
+    same arithmetic on device): weights rounded to fp16, one fp16 scale per output unit
+    ``absmax / (2^(bits-1) - 1)``, ``q = round_half_even(w / scale)`` in fp16, INT4 packed
+    two per byte along the last input axis, the even index in the high nibble."""
+    qmax = {8: 127, 4: 7}[bits]
+    lead = 1 if stacked else 0
+    in_axes = tuple(range(lead, lead + num_in_axes))
+    # Each fp16 quotient is computed in float32 and rounded once to fp16, as numpy divides
+    # fp16 (XLA's own fp16 division, and a divide by a constant, can round differently).
+    w16 = w.astype(jnp.float16).astype(jnp.float32)
+    divisor = lax.optimization_barrier(jnp.float32(qmax))
+    scale = (jnp.max(jnp.abs(w16), axis=in_axes) / divisor).astype(jnp.float16)
+    expand = scale.astype(jnp.float32).reshape(scale.shape[:lead] + (1,) * num_in_axes + scale.shape[lead:])
+    q = jnp.round((w16 / expand).astype(jnp.float16))
+    q = jnp.where(jnp.isfinite(q), q, 0).astype(jnp.int8)  # an all-zero output unit has scale 0: zeros
+    if bits == 4:
+        axis = lead + num_in_axes - 1
+        even = lax.slice_in_dim(q, 0, None, 2, axis).astype(jnp.uint8)
+        odd = lax.slice_in_dim(q, 1, None, 2, axis).astype(jnp.uint8)
+        q = lax.bitcast_convert_type((even << 4) | (odd & 0x0F), jnp.int8)
+    return QuantizedWeight(q, scale, bits=bits)
+
+
 @flax.struct.dataclass
 class Bf16Bits:
     """A bfloat16 kernel stored as its uint16 bit patterns (read by the streaming matmul)."""

@@ -17,7 +17,7 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from glm_jax.config import Config
-from glm_jax.model import GLM, Batch, init_params
+from glm_jax.model import GLM, Batch, init_params, linear
 from glm_jax.model.glm import output_embedding
 from glm_jax.model.grad_shrink import shrink_embedding_gradient
 from glm_jax.parallel import rules
@@ -34,10 +34,38 @@ class TrainState:
 
 
 def _init_boxed(cfg: Config, model: GLM, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    params = init_params(cfg.model, rng)
+    params = quantize_base(init_params(cfg.model, rng), cfg)
     zero = jnp.zeros((), jnp.int32)
     trainable, _ = finetune.split(params, cfg.finetune.method)
     return TrainState(step=zero, params=params, opt_state=optimizer.init(trainable), skipped=zero)
+
+
+def _quantized_box(box: nn.LogicallyPartitioned, bits: int, num_in_axes: int, stacked: bool) -> linear.QuantizedWeight:
+    """A boxed float kernel as a QuantizedWeight of boxes: ``q`` split like the kernel,
+    ``scale`` like its output axes."""
+    w = linear.quantize_kernel(box.value, bits, num_in_axes, stacked)
+    lead = 1 if stacked else 0
+    names = tuple(box.names)
+    return w.replace(q=box.replace_boxed(w.q),
+                     scale=nn.LogicallyPartitioned(w.scale, names[:lead] + names[lead + num_in_axes:]))
+
+
+def quantize_base(params: Any, cfg: Config) -> Any:
+    """``params`` (boxed or plain) with the frozen base's linears quantized
+    (``finetune.quantize_base``): every layer's QKV, attention output and MLP kernels."""
+    bits = cfg.finetune.base_bits
+    if not bits:
+        return params
+    flat = traverse_util.flatten_dict(params)
+    for path, value in flat.items():
+        if path[-1] not in linear.QUANTIZED_KERNELS or finetune.is_trainable(path, cfg.finetune.method):
+            continue
+        n_in, stacked = linear.QUANTIZED_KERNELS[path[-1]], path[0] == "layers"
+        if isinstance(value, nn.LogicallyPartitioned):
+            flat[path] = _quantized_box(value, bits, n_in, stacked)
+        else:
+            flat[path] = linear.quantize_kernel(value, bits, n_in, stacked)
+    return traverse_util.unflatten_dict(flat)
 
 
 def init_some_params(cfg: Config, mesh: Mesh, shardings: dict, rng: jax.Array) -> dict:

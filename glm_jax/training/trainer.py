@@ -28,6 +28,7 @@ from glm_jax.checkpoint.train_state import Checkpointer, Restored, abstract_with
 from glm_jax.config import Config
 from glm_jax.data.pipeline import abstract_batch
 from glm_jax.model import GLM
+from glm_jax.model.linear import QuantizedWeight
 from glm_jax.errors import CheckpointError
 from glm_jax.training import finetune, pipeline_plan
 from glm_jax.training import state as train_state
@@ -107,7 +108,19 @@ class Trainer:
         for k in absent:
             if not finetune.is_new(k):
                 raise CheckpointError(f"train.init_from={path}: parameter {'/'.join(k)} is missing from {stored.source.describe()}")
-        loaded = params.read_onto(stored, traverse_util.unflatten_dict({k: v for k, v in targets.items() if k not in absent}))
+        quantized = {k: v for k, v in targets.items() if isinstance(v, QuantizedWeight)}
+        plain = {k: v for k, v in targets.items() if k not in absent and k not in quantized}
+        plain.update({k: jax.ShapeDtypeStruct(stored.shapes[k], self.cfg.model.param_dtype, sharding=v.q.sharding)
+                      for k, v in quantized.items()})  # read as floats where the quantized bytes will live
+        loaded = params.read_onto(stored, traverse_util.unflatten_dict(plain))
+        if quantized:  # finetune.quantize_base: the frozen linears quantized on device, floats dropped
+            flat = traverse_util.flatten_dict(loaded)
+            floats = {k: flat.pop(k) for k in quantized}
+            with jax.set_mesh(self.mesh):
+                flat.update(jax.jit(lambda f: traverse_util.flatten_dict(train_state.quantize_base(
+                    traverse_util.unflatten_dict(f), self.cfg)),
+                    out_shardings={k: jax.tree.map(lambda x: x.sharding, v) for k, v in quantized.items()})(floats))
+            loaded = traverse_util.unflatten_dict(flat)
         if absent:  # what fine-tuning adds (the P-tuning prefix): initialised as a fresh run would
             fresh = train_state.init_some_params(self.cfg, self.mesh, {k: v.sharding for k, v in absent.items()},
                                                  jax.random.key(self.cfg.train.seed))
