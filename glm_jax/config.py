@@ -395,6 +395,10 @@ class DataConfig:
     # authors' rule (0: half of train.seq_len each).
     max_source_len: int = 0
     max_target_len: int = 0
+    # mixture=chat: this share of the rows replays pretraining data (data.corpus under the
+    # data.replay_mixture objectives) against forgetting; 0 = chat only.
+    replay_rate: float = 0.0
+    replay_mixture: Literal["glm130b", "glm-original", "mask", "smask", "gmask", "instructions"] = "gmask"
 
     def validate(self) -> None:
         parse_source(self.corpus, "data.corpus")
@@ -420,6 +424,10 @@ class DataConfig:
                  f"data.max_source_len must be 0 (half of train.seq_len) or >= 2, got {self.max_source_len}")
         _require(self.max_target_len == 0 or self.max_target_len >= 3,
                  f"data.max_target_len must be 0 (half of train.seq_len) or >= 3, got {self.max_target_len}")
+        _require(0.0 <= self.replay_rate < 1.0, f"data.replay_rate must be in [0, 1), got {self.replay_rate}")
+        _require(self.replay_rate == 0.0 or self.mixture == "chat",
+                 f"data.replay_rate={self.replay_rate} mixes pretraining rows into fine-tuning data: it needs "
+                 f"data.mixture=chat, not {self.mixture}")
 
     def chat_lengths(self, seq_len: int) -> tuple[int, int]:
         """(max_source_len, max_target_len) with the defaults filled in."""

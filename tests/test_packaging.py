@@ -49,7 +49,7 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_from_anywhere(tmp_path):
     p = subprocess.run([py, "-m", "glm_jax.info", "--config", "chatglm-7b"], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr.strip() == ("error: config file not found: chatglm-7b; shipped configs: chatglm-6b, chatglm-6b-legacy, "
-                                "chatglm-6b-ptuning, "
+                                "chatglm-6b-lora, chatglm-6b-ptuning, "
                                 "glm-10b, glm-130b, glm-large, glm-tiny")
 
 

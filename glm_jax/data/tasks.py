@@ -211,7 +211,11 @@ def check_sources(d: DataConfig) -> None:
         for key in ("chat", "chat_validation"):
             if getattr(d, key).startswith("jsonl:"):
                 _check_chat_files(d, key)
-        return
+        if not d.replay_rate:
+            return
+        if parse_source(d.corpus, "data.corpus").kind == "none":
+            raise ConfigError(f"data.replay_rate={d.replay_rate} replays pretraining rows from data.corpus, "
+                              "which is none: name the pretraining corpus")
     for spec in (parse_source(d.corpus, "data.corpus"), parse_source(d.instructions, "data.instructions")):
         if spec.kind in ("text", "jsonl"):
             _glob(spec.pattern)
@@ -360,9 +364,11 @@ def _add(task_or_mixture, registry) -> None:
     registry.add_provider(task_or_mixture.name, task_or_mixture)
 
 
-def mixture_rates(cfg: Config) -> dict[str, float]:
+def mixture_rates(cfg: Config, mixture: Optional[str] = None) -> dict[str, float]:
+    """Each objective's share in ``mixture`` (default ``data.mixture``), after the overrides."""
     d = cfg.data
-    rates = dict(MIXTURES[d.mixture])
+    mixture = mixture or d.mixture
+    rates = dict(MIXTURES[mixture])
     for obj in ("mask", "smask", "gmask", "instructions"):
         override = getattr(d, f"{obj}_rate")
         if override is not None:
@@ -371,7 +377,7 @@ def mixture_rates(cfg: Config) -> dict[str, float]:
     if "instructions" in rates and d.instructions == "none":
         rates.pop("instructions")
     if not rates:
-        raise ConfigError(f"data.mixture={d.mixture} with these rates selects no objective")
+        raise ConfigError(f"data.mixture={mixture} with these rates selects no objective")
     return rates
 
 
@@ -403,10 +409,35 @@ def register(cfg: Config, vocab) -> str:
             ),
             seqio.TaskRegistry,
         )
-        return name
-    rates = mixture_rates(cfg)
+        if not d.replay_rate:
+            return name
+        # Replay: the pretraining objectives of data.replay_mixture take data.replay_rate of the rows.
+        replay = _pretraining_tasks(cfg, vocab, key, d.replay_mixture)
+        total = sum(r for _, r in replay)
+        tasks = [(name, 1.0 - d.replay_rate)] + [(n, d.replay_rate * r / total) for n, r in replay]
+        mixed = f"glm.{key}.chat-replay"
+        _add(seqio.Mixture(mixed, tasks), seqio.MixtureRegistry)
+        return mixed
+    tasks = _pretraining_tasks(cfg, vocab, key, d.mixture)
+    if len(tasks) == 1:
+        return tasks[0][0]
+    name = f"glm.{key}.{d.mixture}"
+    _add(seqio.Mixture(name, tasks), seqio.MixtureRegistry)
+    return name
+
+
+def _pretraining_tasks(cfg: Config, vocab, key: str, mixture: str) -> list[tuple[str, float]]:
+    """Register the blank-infilling (and instruction) tasks of ``mixture``; (name, share) of each."""
+    import seqio
+
+    d, m = cfg.data, cfg.model
+    length = cfg.train.seq_len
+    one_d = not m.two_d_positions
+    ids = inf.SpecialIds.from_model(m)
+    feats = _output_features(m.vocab_size)
+    rates = mixture_rates(cfg, mixture)
     sample_len = max(4, length // d.samples_per_row)
-    gmin = d.gmask_min_ratio if d.gmask_min_ratio is not None else GMASK_MIN_RATIO.get(d.mixture, 0.2)
+    gmin = d.gmask_min_ratio if d.gmask_min_ratio is not None else GMASK_MIN_RATIO.get(mixture, 0.2)
     # Raw chunk sizes that always fit: [MASK]/[sMASK] add 2 tokens per span (<= 0.15n + 1 spans).
     short = int((sample_len - 2) / (1 + 2 * d.mask_ratio)) - 2
     chunk_for = {"mask": short, "smask": short, "gmask": length - 2}
@@ -416,7 +447,7 @@ def register(cfg: Config, vocab) -> str:
         if obj not in rates:
             continue
         if corpus_spec.kind == "none":
-            raise ConfigError(f"data.corpus=none but data.mixture={d.mixture} needs a corpus for {obj}")
+            raise ConfigError(f"data.corpus=none but data.mixture={mixture} needs a corpus for {obj}")
         source = _tfds_source(corpus_spec, d.tfds_data_dir) if corpus_spec.kind == "tfds" else _text_source(corpus_spec, ("text",), d.max_document_chars, vocab.spell)
         objective = prep.blank_infilling(
             obj, ids, one_d=one_d, mask_ratio=d.mask_ratio, gmask_min_ratio=gmin,
@@ -459,8 +490,4 @@ def register(cfg: Config, vocab) -> str:
             seqio.TaskRegistry,
         )
         tasks.append((name, rates["instructions"]))
-    if len(tasks) == 1:
-        return tasks[0][0]
-    name = f"glm.{key}.{d.mixture}"
-    _add(seqio.Mixture(name, tasks), seqio.MixtureRegistry)
-    return name
+    return tasks

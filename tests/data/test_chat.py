@@ -115,3 +115,19 @@ def test_chat_config_errors():
         tasks.check_sources(load_config("glm-tiny", ["data.mixture=chat"]).data)
     with pytest.raises(ConfigError, match=r"data.max_source_len \(40\) \+ data.max_target_len \(40\) exceed train.seq_len \(64\)"):
         _cfg("data.chat=stdlib", "data.max_source_len=40", "data.max_target_len=40")
+
+
+def test_replay_mixes_pretraining_rows_into_chat_rows():
+    cfg = _cfg("data.chat=stdlib", "data.replay_rate=0.5", "data.replay_mixture=mask")
+    tasks.check_sources(cfg.data)
+    gen = pipeline.batches(cfg)
+    rows = [b.tokens[r] for b in itertools.islice(gen, 4) for r in range(b.tokens.shape[0])]
+    gen.close()
+    replayed = sum(bool((row == cfg.model.mask_token_id).any()) for row in rows)  # [MASK] never occurs in a chat row
+    assert 0 < replayed < len(rows), (replayed, len(rows))
+    with pytest.raises(ConfigError, match="data.replay_rate=0.2 mixes pretraining rows .* needs data.mixture=chat, not gmask"):
+        load_config("glm-tiny", ["data.mixture=gmask", "data.replay_rate=0.2"])
+    with pytest.raises(ConfigError, match=r"data.replay_rate must be in \[0, 1\), got 1.0"):
+        _cfg("data.chat=stdlib", "data.replay_rate=1.0")
+    with pytest.raises(ConfigError, match="replays pretraining rows from data.corpus, which is none"):
+        tasks.check_sources(_cfg("data.chat=stdlib", "data.replay_rate=0.1", "data.corpus=none").data)
