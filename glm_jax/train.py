@@ -10,7 +10,9 @@ step, losses and throughput. With several processes (TPU pod slices, SLURM, or t
 JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID variables) jax.distributed is
 initialised first, each process feeds its own data shard, and only process 0 logs.
 A P-tuning run (``finetune.method=ptuning``) also leaves its prefix in the authors'
-layout in ``DIR/ptuning`` (with torch installed; else ``convert export-ptuning`` later).
+layout in ``DIR/ptuning`` (with torch installed; else ``convert export-ptuning`` later), and
+a LoRA run its adapters as a PEFT adapter in ``DIR/lora`` (with safetensors; else
+``convert export-lora``).
 
 The loop is ``glm_jax.training.loop``; what a step is, ``glm_jax.training.trainer``.
 """
@@ -24,6 +26,7 @@ from typing import Optional, Sequence
 from glm_jax import cli
 
 PTUNING_DIR = "ptuning"  # in the workdir: the prefix as the authors' trainer saves it
+LORA_DIR = "lora"  # in the workdir: the adapters as PEFT saves them
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -46,6 +49,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if distributed.is_main_process():
         if cfg.finetune.method == "ptuning" and cfg.workdir:
             result["ptuning_checkpoint"] = _export_prefix(cfg.workdir, log)
+        if cfg.finetune.method == "lora" and cfg.workdir:
+            result["lora_adapter"] = _export_adapters(cfg.workdir, log)
         print(json.dumps(result), flush=True)
     return 0
 
@@ -67,6 +72,26 @@ def _export_prefix(workdir: str, log) -> Optional[str]:
 
     ptuning.export(workdir, out, overwrite=True)
     log(f"glm_jax.train: prefix in the authors' layout: {out} (config.json + pytorch_model.bin)")
+    return out
+
+
+def _export_adapters(workdir: str, log) -> Optional[str]:
+    """The run's LoRA adapters as a PEFT adapter too (``WORKDIR/lora``: adapter_config.json +
+    adapter_model.safetensors), which PEFT and ``--lora-adapter`` read; it needs safetensors."""
+    out = workdir.rstrip("/") + "/" + LORA_DIR
+    command = f"python -m glm_jax.convert export-lora --src {workdir} --dst OUT"
+    if "://" in workdir:
+        log(f"glm_jax.train: write the adapters in PEFT's format from a local copy of the workdir: {command}")
+        return None
+    try:
+        import safetensors  # noqa: F401  (PEFT's adapter file)
+    except ImportError:
+        log(f"glm_jax.train: safetensors is not installed, so the adapters are saved in orbax only; with it: {command}")
+        return None
+    from glm_jax.convert import lora_adapter  # PEFT's format lives with the converters
+
+    lora_adapter.export(workdir, out, overwrite=True)
+    log(f"glm_jax.train: adapters in PEFT's format: {out} (adapter_config.json + adapter_model.safetensors)")
     return out
 
 

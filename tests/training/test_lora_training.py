@@ -32,3 +32,26 @@ def test_only_the_adapters_train_and_the_base_stays_bit_identical(pretrained):
     assert all(np.abs(after[k] - v).max() > 0 for k, v in adapters.items())
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
     assert sum(x.nbytes for x in moments) == 2 * sum(v.nbytes for v in adapters.values())
+
+
+def test_a_lora_run_leaves_a_peft_adapter_that_generates_like_the_run(pretrained, tmp_path, capsys):
+    """train -> WORKDIR/lora (PEFT's adapter) -> generate --lora-adapter on the base, as the run itself generates."""
+    import json
+    import os
+
+    from glm_jax import generate, train
+
+    path, _ = pretrained
+    work = tmp_path / "run"
+    assert train.main(["model.lora_rank=4", "model.lora_targets=qkv,mlp_out", "finetune.method=lora",
+                       "train.learning_rate=0.05", f"train.init_from={path}", "data.mixture=chat", "data.chat=stdlib",
+                       "train.steps=2", "train.seq_len=64", "train.eval_batches=1", f"workdir={work}"]) == 0
+    out, _ = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["lora_adapter"] == f"{work}/lora"
+    assert sorted(os.listdir(work / "lora")) == ["adapter_config.json", "adapter_model.safetensors"]
+    answers = []
+    for args in (["--checkpoint", path, "--lora-adapter", result["lora_adapter"]], ["--checkpoint", str(work)]):
+        assert generate.main([*args, "--prompt", "What does json.dumps do?", "--max-new-tokens", "6", "--json"]) == 0
+        answers.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ids"])
+    assert answers[0] == answers[1] and len(answers[0]) >= 1

@@ -48,15 +48,27 @@ def final_params(workdir):
     return newest, ocp.StandardCheckpointer().restore(os.path.join(ckpts, str(newest), "state"))["params"]
 
 
-def test_sigkilled_run_restarts_to_bit_identical_parameters(tmp_path):
+# One uninterrupted run on a 2-way data mesh is the reference for every interruption: a
+# crash, a preemption, and a damaged checkpoint resumed on another mesh.
+SYNTHETIC = ("data.mixture=synthetic", "train.checkpoint_every=2", "train.steps=8", "train.eval_every=4")
+DATA2 = ("mesh.data=2",)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result, _ = train(workdir, *SYNTHETIC, *DATA2, devices=2)
+    return workdir, result
+
+
+def test_sigkilled_run_restarts_to_bit_identical_parameters(uninterrupted, tmp_path):
     """A crash (SIGKILL: no handler, possibly mid-save) loses nothing: the restarted run
     ends with exactly the parameters of an uninterrupted one."""
-    synthetic = ("data.mixture=synthetic", "train.checkpoint_every=2", "train.steps=8", "train.eval_every=0")
-    train(tmp_path / "a", *synthetic)
-    _, err = train(tmp_path / "b", *synthetic, sigkill_after=5)
-    resumed, err = train(tmp_path / "b", *synthetic)
+    reference, _ = uninterrupted
+    _, err = train(tmp_path / "b", *SYNTHETIC, *DATA2, devices=2, sigkill_after=5)
+    resumed, err = train(tmp_path / "b", *SYNTHETIC, *DATA2, devices=2)
     assert resumed["resumed_from"] in (2, 4) and resumed["step"] == 8
-    (step_a, a), (step_b, b) = final_params(tmp_path / "a"), final_params(tmp_path / "b")
+    (step_a, a), (step_b, b) = final_params(reference), final_params(tmp_path / "b")
     assert step_a == step_b == 8
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(leaves_a) == len(leaves_b) > 0
@@ -64,27 +76,27 @@ def test_sigkilled_run_restarts_to_bit_identical_parameters(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.slow
-def test_preempted_run_resumes_to_the_uninterrupted_result(tmp_path):
-    full, _ = train(tmp_path / "a", "train.steps=6")
-    cut, err = train(tmp_path / "b", "train.steps=6", sigterm_after=2)
-    assert cut["preempted"] and cut["step"] < 6 and "SIGTERM received" in err
-    resumed, err = train(tmp_path / "b", "train.steps=6")
+def test_preempted_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path):
+    """SIGTERM stops at a step boundary with a checkpoint; the resumed run replays the data
+    and the state exactly (the real corpus pipeline's replay is tests/data/test_pipeline.py's)."""
+    _, full = uninterrupted
+    cut, err = train(tmp_path / "b", *SYNTHETIC, *DATA2, devices=2, sigterm_after=2)
+    assert cut["preempted"] and cut["step"] < 8 and "SIGTERM received" in err
+    resumed, err = train(tmp_path / "b", *SYNTHETIC, *DATA2, devices=2)
     assert f"resuming from step {cut['step']}" in err and resumed["resumed_from"] == cut["step"]
-    assert resumed["train_loss"] == full["train_loss"]  # data and state replay exactly
+    assert resumed["train_loss"] == full["train_loss"]
     assert resumed["eval_loss"] == full["eval_loss"]
 
 
-def test_resume_onto_a_different_mesh_and_past_a_damaged_checkpoint(tmp_path):
-    synthetic = ("data.mixture=synthetic", "train.checkpoint_every=2")
-    full, _ = train(tmp_path / "a", "train.steps=6", "mesh.data=2", *synthetic, devices=2)
-    train(tmp_path / "b", "train.steps=6", "mesh.data=2", *synthetic, devices=2, sigterm_after=4)
+def test_resume_onto_a_different_mesh_and_past_a_damaged_checkpoint(uninterrupted, tmp_path):
+    _, full = uninterrupted
+    train(tmp_path / "b", *SYNTHETIC, *DATA2, devices=2, sigterm_after=6)
     ckpts = tmp_path / "b" / "checkpoints"
     steps = sorted(int(p) for p in os.listdir(ckpts) if p.isdigit())
     latest, previous = steps[-1], steps[-2]
     # Damage the newest checkpoint: its parameters are gone.
     shutil.rmtree(ckpts / str(latest) / "state")
-    resumed, err = train(tmp_path / "b", "train.steps=6", "mesh.data=1", "mesh.model=2", *synthetic, devices=2)
+    resumed, err = train(tmp_path / "b", *SYNTHETIC, "mesh.data=1", "mesh.model=2", devices=2)
     assert f"checkpoint {latest} in" in err and "cannot be read" in err and "Traceback" not in err
     assert (ckpts / "damaged" / str(latest)).is_dir()  # set aside, not deleted
     assert resumed["resumed_from"] == previous and resumed["mesh"] == {"data": 1, "pipe": 1, "model": 2}
