@@ -20,6 +20,7 @@ The loop is ``glm_jax.training.loop``; what a step is, ``glm_jax.training.traine
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from typing import Optional, Sequence
 
@@ -47,51 +48,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         SIGTERM.uninstall()
     if distributed.is_main_process():
-        if cfg.finetune.method == "ptuning" and cfg.workdir:
-            result["ptuning_checkpoint"] = _export_prefix(cfg.workdir, log)
-        if cfg.finetune.method == "lora" and cfg.workdir:
-            result["lora_adapter"] = _export_adapters(cfg.workdir, log)
+        if cfg.finetune.method in EXPORTS and cfg.workdir:
+            result[EXPORTS[cfg.finetune.method][0]] = _export_trained(cfg.finetune.method, cfg.workdir, log)
         print(json.dumps(result), flush=True)
     return 0
 
 
-def _export_prefix(workdir: str, log) -> Optional[str]:
-    """The run's prefix in the authors' layout too (``WORKDIR/ptuning``: config.json +
-    pytorch_model.bin), which their loader and ``--ptuning-checkpoint`` read; it needs torch."""
-    out = workdir.rstrip("/") + "/" + PTUNING_DIR
-    command = f"python -m glm_jax.convert export-ptuning --src {workdir} --dst OUT"
+# What a fine-tuning run also leaves in its workdir, in the format other tools read:
+# method -> (result key, subdirectory, convert subcommand, the module its file needs, what it is)
+EXPORTS = {
+    "ptuning": ("ptuning_checkpoint", PTUNING_DIR, "export-ptuning", "torch",
+                "the prefix in the authors' layout (config.json + pytorch_model.bin)"),
+    "lora": ("lora_adapter", LORA_DIR, "export-lora", "safetensors",
+             "the adapters in PEFT's format (adapter_config.json + adapter_model.safetensors)"),
+}
+
+
+def _export_trained(method: str, workdir: str, log) -> Optional[str]:
+    """Write what a P-tuning / LoRA run trained to ``WORKDIR/<subdirectory>`` (the authors'
+    P-tuning layout, PEFT's adapter), which ``--ptuning-checkpoint`` / ``--lora-adapter`` and
+    the authors' tools read; without the module the file needs, say how to write it later."""
+    _, sub, command, module, what = EXPORTS[method]
+    out = workdir.rstrip("/") + "/" + sub
+    command = f"python -m glm_jax.convert {command} --src {workdir} --dst OUT"
     if "://" in workdir:
-        log(f"glm_jax.train: write the prefix in the authors' layout from a local copy of the workdir: {command}")
+        log(f"glm_jax.train: write {what} from a local copy of the workdir: {command}")
         return None
     try:
-        import torch  # noqa: F401  (the authors' file is a torch pickle)
+        importlib.import_module(module)
     except ImportError:
-        log(f"glm_jax.train: torch is not installed, so the prefix is saved in orbax only; with torch: {command}")
+        log(f"glm_jax.train: {module} is not installed, so the run is saved in orbax only; with it: {command}")
         return None
-    from glm_jax.convert import ptuning  # the authors' layout lives with the converters
+    # The formats live with the converters.
+    from glm_jax.convert import lora_adapter, ptuning
 
-    ptuning.export(workdir, out, overwrite=True)
-    log(f"glm_jax.train: prefix in the authors' layout: {out} (config.json + pytorch_model.bin)")
-    return out
-
-
-def _export_adapters(workdir: str, log) -> Optional[str]:
-    """The run's LoRA adapters as a PEFT adapter too (``WORKDIR/lora``: adapter_config.json +
-    adapter_model.safetensors), which PEFT and ``--lora-adapter`` read; it needs safetensors."""
-    out = workdir.rstrip("/") + "/" + LORA_DIR
-    command = f"python -m glm_jax.convert export-lora --src {workdir} --dst OUT"
-    if "://" in workdir:
-        log(f"glm_jax.train: write the adapters in PEFT's format from a local copy of the workdir: {command}")
-        return None
-    try:
-        import safetensors  # noqa: F401  (PEFT's adapter file)
-    except ImportError:
-        log(f"glm_jax.train: safetensors is not installed, so the adapters are saved in orbax only; with it: {command}")
-        return None
-    from glm_jax.convert import lora_adapter  # PEFT's format lives with the converters
-
-    lora_adapter.export(workdir, out, overwrite=True)
-    log(f"glm_jax.train: adapters in PEFT's format: {out} (adapter_config.json + adapter_model.safetensors)")
+    (ptuning if method == "ptuning" else lora_adapter).export(workdir, out, overwrite=True)
+    log(f"glm_jax.train: {what}: {out}")
     return out
 
 
