@@ -8,7 +8,17 @@ implementations derive visibility from one integer per token:
     visible(q, k)    = seg[q] == seg[k] and (k < part_a_end[q] or k <= q)
 
 so Part A is bidirectional, Part B (from ``<sop>`` on) is causal and sees all of Part A,
-and packed segments never see each other. Segment id 0 marks padding. Every attention
+and packed segments never see each other. Segment id 0 marks padding.
+
+One extension, for scoring several continuations of one context in one row (the
+authors' packed multiple-choice rows, ``glm_jax.evaluation``): with ``shared_end[b]``, the
+first ``shared_end`` keys of row b are visible to every query of the row as well,
+
+    visible(q, k)   |= k < shared_end
+
+so a context in its own segment at the front is seen by every continuation, each in a
+segment of its own. Only the XLA reference evaluates this clause (the model routes rows
+with ``shared_end`` there). Every attention
 implementation (the XLA reference, the fused kernels, decoding) evaluates this rule and
 only this rule; ``glm_jax.kernels.block_mask`` derives from it which blocks a kernel visits.
 """
@@ -52,19 +62,24 @@ def visible(
     part_a_end_q: jax.Array,
     segment_q: Optional[jax.Array],
     segment_k: Optional[jax.Array],
+    shared_end: Optional[jax.Array] = None,
 ) -> jax.Array:
     """Elementwise visibility rule; broadcasting decides the block shape."""
     ok = (k_index < part_a_end_q) | (k_index <= q_index)
     if segment_q is not None:
         ok = ok & (segment_q == segment_k)
+    if shared_end is not None:
+        ok = ok | (k_index < shared_end)
     return ok
 
 
-def dense_visibility(part_a_end_: jax.Array, segment_ids: Optional[jax.Array]) -> jax.Array:
+def dense_visibility(part_a_end_: jax.Array, segment_ids: Optional[jax.Array],
+                     shared_end: Optional[jax.Array] = None) -> jax.Array:
     """``[batch, q, k]`` boolean, True where q may attend to k (for the XLA reference only)."""
     b, length = part_a_end_.shape
     q = jnp.arange(length, dtype=jnp.int32)[None, :, None]
     k = jnp.arange(length, dtype=jnp.int32)[None, None, :]
     seg_q = None if segment_ids is None else segment_ids[:, :, None]
     seg_k = None if segment_ids is None else segment_ids[:, None, :]
-    return visible(q, k, part_a_end_[:, :, None], seg_q, seg_k)
+    shared = None if shared_end is None else jnp.asarray(shared_end, jnp.int32)[:, None, None]
+    return visible(q, k, part_a_end_[:, :, None], seg_q, seg_k, shared)

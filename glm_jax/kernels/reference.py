@@ -43,6 +43,7 @@ def attention(
     dropout_rng: Optional[jax.Array] = None,
     dropout_rows: tuple = (0, 1),
     prefix: Optional[tuple[jax.Array, jax.Array]] = None,
+    shared_end: Optional[jax.Array] = None,
 ) -> jax.Array:
     """q, k, v: ``[batch, length, heads, head_dim]``; returns the same shape and dtype as q.
 
@@ -53,11 +54,13 @@ def attention(
     prefix: P-tuning's (keys, values), each ``[batch or 1, P, heads, head_dim]``: placed
       before the sequence's keys, visible to every token, with no rotary (the caller's
       keys have theirs already); the dropout masks then cover ``P + length`` keys.
+    shared_end: ``[batch]``, keys before it are visible to every query of the row
+      (``attention_mask``'s shared-context clause), or None.
     """
 
     q, c = scale_query(q, layer_scale)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    mask = attention_mask.dense_visibility(part_a_end, segment_ids)[:, None, :, :]
+    mask = attention_mask.dense_visibility(part_a_end, segment_ids, shared_end)[:, None, :, :]
     scores = jnp.where(mask, scores, jnp.float32(MASK_VALUE))
     if prefix is not None:
         k_p, v_p = (jnp.broadcast_to(t, (q.shape[0], *t.shape[1:])) for t in prefix)

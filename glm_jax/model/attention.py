@@ -39,6 +39,7 @@ class Attention(nn.Module):
         cache: Optional[Any] = None,
         dropout: Optional[DropoutRows] = None,
         prefix: Optional[jax.Array] = None,
+        shared_end: Optional[jax.Array] = None,
     ) -> tuple[jax.Array, Optional[Any]]:
         """Returns the attention output and ``cache`` with this layer's keys and values stored.
 
@@ -52,6 +53,9 @@ class Attention(nn.Module):
 
         prefix: this layer's P-tuning keys and values ``[batch or 1, P, 2, heads, head_dim]``
           (``glm_jax.model.prefix``), seen by every token; they run the XLA attention.
+
+        shared_end: ``[batch]``: keys before it are seen by every token of the row
+          (``kernels/attention_mask``'s shared context); such rows run the XLA attention.
         """
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
@@ -102,10 +106,12 @@ class Attention(nn.Module):
         if cfg.attention_dropout > 0.0 and dropout is not None:
             dropout_options = dict(dropout_rate=cfg.attention_dropout, dropout_rng=dropout.site(ATTENTION_PROBS),
                                    dropout_rows=(dropout.row_offset, dropout.row_stride))
-        name = "xla" if prefix is not None else resolve_impl(cfg.attention_impl)
+        name = "xla" if prefix is not None or shared_end is not None else resolve_impl(cfg.attention_impl)
         kernel_options = {"block_sizes": flash_attention.BlockSizes.from_config(cfg)} if name == "pallas" else {}
         if prefix is not None:
-            kernel_options = {"prefix": prefix_kv}
+            kernel_options["prefix"] = prefix_kv
+        if shared_end is not None:
+            kernel_options["shared_end"] = shared_end
         ctx = IMPLEMENTATIONS[name](
             q,
             k,

@@ -45,11 +45,13 @@ class Block(nn.Module):
         cache: Optional[Any] = None,
         dropout: Optional[DropoutRows] = None,
         prefix: Optional[jax.Array] = None,
+        shared_end: Optional[jax.Array] = None,
     ) -> tuple[jax.Array, Optional[Any]]:
         """Returns the layer's output and ``cache`` with its keys and values (see Attention).
 
         dropout: this layer's key and rows (``DropoutRows.for_layer``); None = no dropout.
-        prefix: this layer's P-tuning keys and values (``glm_jax.model.prefix``), or None."""
+        prefix: this layer's P-tuning keys and values (``glm_jax.model.prefix``), or None.
+        shared_end: keys before it are seen by every token of the row (see Attention)."""
         cfg = self.cfg
         attn = Attention(cfg, name="attention")
         mlp = MLP(cfg, name="mlp")
@@ -59,12 +61,13 @@ class Block(nn.Module):
         if cfg.norm_order == "post":
             alpha = jnp.asarray(cfg.alpha, x.dtype)
             a = ln_in(x)
-            attended, cache = attn(a, layer_index, positions, part_a_end, segment_ids, cache, dropout, prefix)
+            attended, cache = attn(a, layer_index, positions, part_a_end, segment_ids, cache, dropout, prefix, shared_end)
             y = a * alpha + drop(attended, rate, dropout, AFTER_ATTENTION)
             b = ln_post(y)
             out = b * alpha + drop(mlp(b, dropout), rate, dropout, AFTER_MLP)
         else:
-            attended, cache = attn(ln_in(x), layer_index, positions, part_a_end, segment_ids, cache, dropout, prefix)
+            attended, cache = attn(ln_in(x), layer_index, positions, part_a_end, segment_ids, cache, dropout, prefix,
+                                   shared_end)
             y = x + drop(attended, rate, dropout, AFTER_ATTENTION)
             out = y + drop(mlp(ln_post(y), dropout), rate, dropout, AFTER_MLP)
         return nn.with_logical_constraint(out, ("batch", "length", "act_embed")), cache

@@ -42,11 +42,11 @@ class _ScanBody(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, layer_index, prefix, positions, part_a_end, segment_ids, dropout):
+    def __call__(self, carry, layer_index, prefix, positions, part_a_end, segment_ids, dropout, shared_end):
         x, cache = carry
         block = _block_class(self.cfg)(self.cfg, name="block")
         layer_dropout = None if dropout is None else dropout.for_layer(layer_index)
-        return block(x, layer_index, positions, part_a_end, segment_ids, cache, layer_dropout, prefix), None
+        return block(x, layer_index, positions, part_a_end, segment_ids, cache, layer_dropout, prefix, shared_end), None
 
 
 class GLM(nn.Module):
@@ -63,7 +63,7 @@ class GLM(nn.Module):
                 _ScanBody,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
@@ -117,6 +117,7 @@ class GLM(nn.Module):
         return_hidden: bool = False,
         cache: Optional[Any] = None,
         dropout_rows: tuple = (0, 1),
+        shared_end: Optional[jax.Array] = None,
     ):
         """Logits ``[b, L, vocab]`` (or final hidden states with ``return_hidden``).
 
@@ -128,6 +129,10 @@ class GLM(nn.Module):
           stored in it and ``(logits, cache)`` is returned. Prefill (``cache.decoding``
           False) is the ordinary forward pass with the GLM mask; decoding (True) takes
           Part B tokens that continue the cached sequence, and ``prefix_len`` may be None.
+
+        shared_end: ``[batch]``: the first ``shared_end`` tokens of each row are seen by every
+          token of it besides what the GLM mask allows (``kernels/attention_mask``): one
+          context scored with several continuations, each in its own segment. XLA attention.
         """
         cfg = self.cfg
         length = tokens.shape[1]
@@ -141,16 +146,19 @@ class GLM(nn.Module):
         if self.pipelining.active and cache is None and not self.is_initializing():
             if prefix is not None:
                 raise ValueError("a P-tuning prefix (model.pre_seq_len > 0) does not run in a pipeline (mesh.pipe=1)")
+            if shared_end is not None:
+                raise ValueError("rows with a shared context (shared_end) do not run in a pipeline (mesh.pipe=1)")
             x = self._pipelined_layers(x, positions, a_end, segment_ids, dropout)
         elif cfg.scan_layers:
             layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-            (x, cache), _ = self.layers((x, cache), layer_ids, prefix, positions, a_end, segment_ids, dropout)
+            shared = None if shared_end is None else jnp.asarray(shared_end, jnp.int32)
+            (x, cache), _ = self.layers((x, cache), layer_ids, prefix, positions, a_end, segment_ids, dropout, shared)
         else:
             for i, block in enumerate(self.layers):
                 # A Python int: a per-layer KV cache (inference/kv_cache.py) picks its buffer at trace time.
                 layer_dropout = None if dropout is None else dropout.for_layer(i)
                 layer_prefix = None if prefix is None else prefix[i]
-                x, cache = block(x, i, positions, a_end, segment_ids, cache, layer_dropout, layer_prefix)
+                x, cache = block(x, i, positions, a_end, segment_ids, cache, layer_dropout, layer_prefix, shared_end)
         x = self.final_layernorm(x)
         out = x if return_hidden else self.head(x)
         return out if cache is None else (out, cache)
