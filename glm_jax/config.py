@@ -396,7 +396,8 @@ class DataConfig:
     max_source_len: int = 0
     max_target_len: int = 0
     # mixture=chat: this share of the rows replays pretraining data (data.corpus under the
-    # data.replay_mixture objectives) against forgetting; 0 = chat only.
+    # data.replay_mixture objectives) against forgetting; 0 = chat only. The held-out split
+    # is mixed the same way (bench finetune --forgetting reports the two losses apart).
     replay_rate: float = 0.0
     replay_mixture: Literal["glm130b", "glm-original", "mask", "smask", "gmask", "instructions"] = "gmask"
 
