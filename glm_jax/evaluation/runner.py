@@ -1,9 +1,11 @@
 """One task over its data files: read, score, report per file and per group, cache.
 
-Results of each file go to ``RESULTS/<task name>/<file>.json`` as soon as the file is
-done (with the predictions and every choice's score), keyed by a fingerprint of the model
-and the task; a rerun with the same fingerprint reads them back instead of evaluating
-again, so an interrupted evaluation resumes at the file it was on.
+Results of each file go to ``RESULTS/<task name>/<fingerprint>/<file>.result.json`` as
+soon as the file is done (with the predictions and every choice's score); the fingerprint
+covers the task file and the model (checkpoint, quantization, dtype, prefix, adapter), so
+one results directory holds float, INT8 and INT4 runs side by side, and a rerun of the
+same model reads its results back instead of evaluating again: an interrupted evaluation
+resumes at the file it was on.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ def fingerprint(task: TaskConfig, model_identity: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _cache_path(results: str, task: TaskConfig, rel: str) -> str:
-    return os.path.join(results, task.name, rel + ".result.json")
+def _cache_path(results: str, task: TaskConfig, key: str, rel: str) -> str:
+    return os.path.join(results, task.name, key, rel + ".result.json")
 
 
 def _cached(path: Optional[str], key: str, data_file: str) -> Optional[dict]:
@@ -86,7 +88,7 @@ def run_task(task: TaskConfig, data_root: str, score: Callable[[Sequence[samples
         for rel in files:
             done += 1
             data_file = os.path.join(root, rel)
-            cache = _cache_path(results, task, rel) if results else None
+            cache = _cache_path(results, task, key, rel) if results else None
             record = _cached(cache, key, data_file)
             if record is None:
                 t0 = time.perf_counter()
@@ -96,7 +98,7 @@ def run_task(task: TaskConfig, data_root: str, score: Callable[[Sequence[samples
                 labels = [s.label for s in items]
                 seconds = time.perf_counter() - t0
                 stat = os.stat(data_file)
-                record = {"fingerprint": key, "data": [stat.st_size, int(stat.st_mtime)], "samples": len(items),
+                record = {"fingerprint": key, "model": model_identity, "data": [stat.st_size, int(stat.st_mtime)], "samples": len(items),
                           "metrics": {"Accuracy": metrics.accuracy(predictions, labels)}, "predictions": predictions,
                           "labels": labels, "scores": choice_scores, "counts": counts,
                           "seconds": round(seconds, 3)}

@@ -149,7 +149,8 @@ def test_eval_reports_per_file_and_group_and_resumes_from_its_results(setup, cap
     out, err = capsys.readouterr()
     result = json.loads(out.strip().splitlines()[-1])
     assert set(result["groups"]) == {"a", "b"} and "[1/2] a: a/x.jsonl: Accuracy = " in err
-    record = json.load(open(d / "results" / "toy" / "a" / "x.jsonl.result.json"))  # beside the file's own path
+    (record_path,) = (d / "results" / "toy").glob("*/a/x.jsonl.result.json")  # under the model's fingerprint
+    record = json.load(open(record_path))
     want = _expected_predictions(str(d / "run"), QUESTIONS)
     assert record["predictions"] == want and record["labels"] == [y for _, _, y in QUESTIONS]
     acc_a = 100.0 * sum(p == y for p, (_, _, y) in zip(want, QUESTIONS)) / 3
@@ -165,6 +166,7 @@ def test_eval_reports_per_file_and_group_and_resumes_from_its_results(setup, cap
     assert eval_cli.main(args[:-1] + ["--quantize", "int8"]) == 0  # another model identity: evaluated again
     out, err = capsys.readouterr()
     assert "cached" not in err and out.startswith("toy Accuracy: max = ")
+    assert len(list((d / "results" / "toy").glob("*/a/x.jsonl.result.json"))) == 2  # side by side, float's kept
 
 
 @pytest.mark.parametrize("yaml_text, message", [
