@@ -125,11 +125,35 @@ class BinWriter:
         if missing:
             raise AssertionError(f"tensors never written: {missing[:3]}")
         self._cm.__exit__(None, None, None)
+        self._cm = None
+
+    def abort(self) -> None:
+        """Give up on the file after an error: finish the zip now, while its file exists.
+        Left to the garbage collector, torch's writer would finish it whenever it is
+        collected, after the staging directory is gone, and abort the process."""
+        if self._cm is not None:
+            cm, self._cm = self._cm, None
+            try:
+                cm.__exit__(None, None, None)
+            except Exception:  # the file is being discarded; the first error is the one to report
+                pass
+
+    def __enter__(self) -> "BinWriter":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None:
+            self.abort()
 
 
 def write_bin(path: str, tensors: Sequence[OutTensor], rows: RowsFn) -> None:
     """A ``torch.save``-compatible state dict file, materialising one tensor at a time."""
-    out = BinWriter(path, tensors)
+    with BinWriter(path, tensors) as out:
+        _write_bin_tensors(out, tensors, rows)
+        out.close()
+
+
+def _write_bin_tensors(out: BinWriter, tensors: Sequence[OutTensor], rows: RowsFn) -> None:
     for t in tensors:
         whole = np.empty(t.shape, np_dtype(t.dtype))
         flat = whole.reshape((whole.shape[0] if whole.ndim else 1, -1))
@@ -142,7 +166,6 @@ def write_bin(path: str, tensors: Sequence[OutTensor], rows: RowsFn) -> None:
             raise AssertionError(f"{t.key}: {r} rows written, {flat.shape[0]} expected")
         out.write(t.key, whole)
         del whole, flat
-    out.close()
 
 
 def _as_storage(a: np.ndarray):

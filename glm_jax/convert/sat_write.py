@@ -37,6 +37,14 @@ class RankWriters:
         for f in self.files:
             f.close()
 
+    def __enter__(self) -> "RankWriters":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None:  # an error: finish every rank file now (BinWriter.abort)
+            for f in self.files:
+                f.abort()
+
 
 class Shards:
     """One tensor's per-rank buffers, filled from blocks of merged rows and written to

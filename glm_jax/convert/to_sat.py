@@ -183,27 +183,27 @@ def convert(
         for name, text in trackers.items():
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)
-        writers = RankWriters(os.path.join(tmp, it), tp, tensors, wrap)
-        for k in keys:
-            if k in buffers:
-                b = buffers[k]
-                value = np.frombuffer(bytes.fromhex(b["hex"]), np_dtype(b["dtype"])).reshape(b["shape"]).copy()
-                for f in writers.files:
-                    f.write(k, value)
-                bar.update(value.nbytes * tp)
-            elif k in by_key:
-                se = by_key[k]
-                if bits and se.quantizable:
-                    _write_quantized(se, stored.array(se.entry.path), cfg, merged, writers, kept, groups.get(k), bits, bar,
-                                     stored.source.describe())
-                else:
-                    shape, dt, split = merged[k]
-                    shards = Shards(writers, k, split, shape, dt)
-                    for b, box in params_read.ours_blocks(se.entry, stored.array(se.entry.path), cfg, stored.source.describe()):
-                        shards.add_box(se.entry.transform, b, box)
-                        bar.update(box.numel() * np_dtype(dt).itemsize * (tp if split.kind == "replicated" else 1))
-                    shards.done()
-        writers.close()
+        with RankWriters(os.path.join(tmp, it), tp, tensors, wrap) as writers:
+            for k in keys:
+                if k in buffers:
+                    b = buffers[k]
+                    value = np.frombuffer(bytes.fromhex(b["hex"]), np_dtype(b["dtype"])).reshape(b["shape"]).copy()
+                    for f in writers.files:
+                        f.write(k, value)
+                    bar.update(value.nbytes * tp)
+                elif k in by_key:
+                    se = by_key[k]
+                    if bits and se.quantizable:
+                        _write_quantized(se, stored.array(se.entry.path), cfg, merged, writers, kept, groups.get(k), bits, bar,
+                                         stored.source.describe())
+                    else:
+                        shape, dt, split = merged[k]
+                        shards = Shards(writers, k, split, shape, dt)
+                        for b, box in params_read.ours_blocks(se.entry, stored.array(se.entry.path), cfg, stored.source.describe()):
+                            shards.add_box(se.entry.transform, b, box)
+                            bar.update(box.numel() * np_dtype(dt).itemsize * (tp if split.kind == "replicated" else 1))
+                        shards.done()
+            writers.close()
         seconds = bar.close()
     return {"bytes": bar.total, "seconds": seconds, "tp": tp, "layout": fmt, "iteration": it}
 
