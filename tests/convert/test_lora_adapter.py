@@ -73,9 +73,9 @@ def _authors_modules(hf, sd):
             self.attention.query_key_value, self.attention.dense = nn.Linear(h, 3 * h), nn.Linear(h, h)
             self.mlp.dense_h_to_4h, self.mlp.dense_4h_to_h = nn.Linear(h, f), nn.Linear(f, h)
 
-    class CausalLM(nn.Module):  # PEFT's CAUSAL_LM wrapper asks its model for this method, as ChatGLM's has it
-        def prepare_inputs_for_generation(self, *args, **kwargs):
-            raise NotImplementedError
+    class CausalLM(nn.Module):  # PEFT's CAUSAL_LM wrapper looks this method up (ChatGLM's model has it); merging never calls it
+        def prepare_inputs_for_generation(self, input_ids, **kwargs):
+            return {"input_ids": input_ids, **kwargs}
 
     model = CausalLM()
     model.transformer = nn.Module()
