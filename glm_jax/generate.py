@@ -3,7 +3,8 @@
 Each ``--prompt`` is one example of the batch. A prompt without a mask token becomes
 ``TEXT [gMASK] <sop>`` (ChatGLM-6B's and GLM-130B's prompt) and is continued; a prompt
 with ``[MASK]`` or ``[sMASK]`` is blank filling (GLM-130B): every blank is filled, left
-to right. Greedy unless ``--sample``. Weights can be quantized on load
+to right. Greedy unless ``--sample``, or a beam search with ``--num-beams N``
+(GLM-130B's: ``--length-penalty``, ``--no-repeat-ngram-size``, ``--min-gen-length``). Weights can be quantized on load
 (``--quantize int8|int4``). The answers go to stdout, one per prompt (``--json``: one JSON
 object per prompt with the ids); ``--stream`` prints the first prompt's answer as it is
 generated. Bad input (empty prompt, too long, a vocabulary that does not fit the
@@ -29,6 +30,7 @@ def parse_args(argv):
     cli.add_model_args(parser)
     parser.add_argument("--prompt", action="append", required=True, help="text to continue (repeat for a batch)")
     cli.add_sampling_args(parser, Sampling(), max_new_tokens=64)
+    cli.add_beam_args(parser)
     parser.add_argument("--stream", action="store_true", help="print the answer of a single prompt as it is produced")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt: prompt, answer, ids")
     return parser.parse_args(argv)
@@ -44,6 +46,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.stream and len(args.prompt) != 1:
         raise cli.UsageError("--stream prints one answer as it is generated: give a single --prompt")
     sampling = cli.sampling_from_args(args)
+    beams = cli.beam_options(args)
+    if beams and args.stream:
+        raise cli.UsageError("--stream shows tokens as they are chosen; a beam search knows its answer only at the end")
     model, text = cli.load_model_and_text(args, read_prefix=ptuning.read, read_adapter=lora_adapter.read)
     stops = model.generator.stop_tokens
 
@@ -52,6 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if any(blanks) and not all(blanks):
         raise cli.UsageError("mix of blank-filling prompts ([MASK]/[sMASK]) and continuation prompts: run them separately")
     if all(blanks):
+        if beams:
+            raise cli.UsageError("--num-beams continues [gMASK] prompts; blank filling ([MASK]/[sMASK]) is greedy or sampled")
         rows = [text.blank_row(p) for p in args.prompt]
         filled, answers = model.fill_blanks(rows, args.max_new_tokens, sampling)
         for p, row, ans in zip(args.prompt, filled, answers):
@@ -68,7 +75,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             answer, ids = cli.stream_answer(model, text, prompts[0], args.max_new_tokens, sampling, out=None if args.json else sys.stdout)
             results.append({"prompt": args.prompt[0], "answer": answer, "ids": ids})
         else:
-            out = model.generate(prompts, args.max_new_tokens, sampling)[:, -args.max_new_tokens:]
+            if beams:
+                out = model.generate(prompts, args.max_new_tokens, **beams)[:, -args.max_new_tokens:]
+            else:
+                out = model.generate(prompts, args.max_new_tokens, sampling)[:, -args.max_new_tokens:]
             for p, row in zip(args.prompt, out):
                 ids = until_stop(row, stops)
                 results.append({"prompt": p, "answer": text.decode(ids), "ids": ids})

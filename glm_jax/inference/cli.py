@@ -58,6 +58,31 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: Sampling, max_n
     g.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed")
 
 
+def add_beam_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("beam search (GLM-130B's; deterministic)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams; 1 (default) = greedy or --sample")
+    g.add_argument("--length-penalty", type=float, default=1.0,
+                   help="finished hypotheses score sum(log p) / ((5 + length) / 6) ** this (default 1.0)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size, 0 = off (default 0)")
+    g.add_argument("--min-gen-length", type=int, default=0, help="no stop token before this many new tokens (default 0)")
+
+
+def beam_options(args) -> dict:
+    """The beam search options given on the command line ({} for --num-beams 1)."""
+    if args.num_beams < 1:
+        raise UsageError(f"--num-beams must be >= 1, got {args.num_beams}")
+    if args.num_beams == 1:
+        changed = [f for f, default in (("--length-penalty", 1.0), ("--no-repeat-ngram-size", 0), ("--min-gen-length", 0))
+                   if getattr(args, f[2:].replace("-", "_")) != default]
+        if changed:
+            raise UsageError(f"{changed[0]} is a beam search option: add --num-beams N (N > 1)")
+        return {}
+    if not args.greedy:
+        raise UsageError("beam search is deterministic: drop --sample")
+    return dict(num_beams=args.num_beams, length_penalty=args.length_penalty,
+                no_repeat_ngram_size=args.no_repeat_ngram_size, min_gen_length=args.min_gen_length)
+
+
 def sampling_from_args(args) -> Sampling:
     return Sampling(
         greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

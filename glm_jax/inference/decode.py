@@ -40,7 +40,7 @@ import numpy as np
 from jax import lax
 
 from glm_jax.config import ConfigError, ModelConfig
-from glm_jax.inference import kv_cache, quantize, weights
+from glm_jax.inference import beam_search, kv_cache, quantize, weights
 from glm_jax.inference.sampling import Sampling, choose
 from glm_jax.model import GLM, abstract_params, prepare_inputs
 from glm_jax.parallel import rules
@@ -58,6 +58,18 @@ class State:
     t: jax.Array  # [] the next slot to fill
     done: jax.Array  # [b] the example has produced a stop token
     seen: jax.Array  # [b, vocab] tokens in the sequence so far (repetition penalty)
+
+
+@flax.struct.dataclass
+class BeamState:
+    tokens: jax.Array  # [b * k, slots]: each beam's prompt and generated tokens
+    positions: jax.Array  # [b * k, (2,) slots]
+    cache: kv_cache.KVCache  # b * k rows
+    t: jax.Array  # [] the next slot to fill
+    scores: jax.Array  # [b, k] each running beam's sum of log-probabilities
+    done: jax.Array  # [b]
+    finished: beam_search.Finished
+    context_len: jax.Array  # [b] the length the length penalty counts before the new tokens
 
 
 @dataclasses.dataclass
@@ -201,22 +213,34 @@ class Generator:
     def _logits(self, params, hidden: jax.Array) -> jax.Array:
         return self.model.apply({"params": params}, hidden, method=GLM.head)[:, -1]
 
+    def _first(self, params, tokens, positions, prefix_len, segment_ids, start):
+        """The prompts' pass: the next token's logits ``[b, V]`` and the filled cache."""
+        b, length = tokens.shape
+        cache = kv_cache.allocate(self.cfg, b, positions.shape[-1], start)
+        hidden, cache = self.model.apply(
+            {"params": params}, tokens, positions[..., :length], prefix_len, segment_ids, return_hidden=True, cache=cache
+        )
+        return self._logits(params, hidden[:, -1:]), cache.advance(length)
+
+    def _next(self, params, tokens, positions, cache, t):
+        """One decoding step's logits ``[b, V]``: the token of slot ``t - 1`` against the cache."""
+        last = lax.dynamic_slice_in_dim(tokens, t - 1, 1, axis=1)
+        pos = lax.dynamic_slice_in_dim(positions, t - 1, 1, axis=positions.ndim - 1)
+        hidden, cache = self.model.apply({"params": params}, last, pos, None, return_hidden=True, cache=cache)
+        return self._logits(params, hidden), cache.advance(1)
+
     def _prefill(self, params, tokens, positions, prefix_len, segment_ids, start, key, stops, *, s: Sampling) -> State:
         cfg = self.cfg
         b, length = tokens.shape
         slots = positions.shape[-1]
-        cache = kv_cache.allocate(cfg, b, slots, start)
-        hidden, cache = self.model.apply(
-            {"params": params}, tokens, positions[..., :length], prefix_len, segment_ids, return_hidden=True, cache=cache
-        )
-        logits = self._logits(params, hidden[:, -1:])
+        logits, cache = self._first(params, tokens, positions, prefix_len, segment_ids, start)
         buffer = jnp.full((b, slots), cfg.pad_token_id, jnp.int32).at[:, :length].set(tokens)
         real = jnp.arange(length)[None, :] >= start[:, None]
         seen = jnp.zeros((b, cfg.vocab_size), bool).at[jnp.arange(b)[:, None], tokens].max(real)
         st = State(
             tokens=buffer,
             positions=positions,
-            cache=cache.advance(length),
+            cache=cache,
             t=jnp.asarray(length, jnp.int32),
             done=jnp.zeros((b,), bool),
             seen=seen,
@@ -228,13 +252,93 @@ class Generator:
             return (st.t < limit) & ~jnp.all(st.done)
 
         def step(st: State) -> State:
-            last = lax.dynamic_slice_in_dim(st.tokens, st.t - 1, 1, axis=1)
-            pos = lax.dynamic_slice_in_dim(st.positions, st.t - 1, 1, axis=st.positions.ndim - 1)
-            hidden, cache = self.model.apply({"params": params}, last, pos, None, return_hidden=True, cache=st.cache)
-            st = st.replace(cache=cache.advance(1))
-            return self._emit(st, self._logits(params, hidden), key, stops, s)
+            logits, cache = self._next(params, st.tokens, st.positions, st.cache, st.t)
+            return self._emit(st.replace(cache=cache), logits, key, stops, s)
 
         return lax.while_loop(running, step, st)
+
+    # -- beam search (glm_jax.inference.beam_search) -------------------------------------
+    def _beam_step(self, st: BeamState, logits, stops, first_gen: int, beams: beam_search.BeamSearch) -> BeamState:
+        b, k_in = st.scores.shape
+        logits = beam_search.constrain(logits, st.tokens, st.t, first_gen, st.cache.start, stops, beams)
+        generated = st.t - first_gen
+        rows, token, scores, done, finished = beam_search.step(
+            logits, st.scores, st.tokens[:, first_gen:], generated, st.context_len, st.done, st.finished, stops, beams)
+        tokens = jnp.take(st.tokens, rows, axis=0)
+        tokens = lax.dynamic_update_slice_in_dim(tokens, token[:, None], st.t, axis=1)
+        return st.replace(tokens=tokens, positions=jnp.take(st.positions, rows, axis=0), cache=st.cache.take(rows),
+                          t=st.t + 1, scores=scores, done=done, finished=finished)
+
+    def _beam_prefill(self, params, tokens, positions, prefix_len, segment_ids, start, stops, context_len, *,
+                      beams: beam_search.BeamSearch) -> BeamState:
+        b, length = tokens.shape
+        slots = positions.shape[-1]
+        logits, cache = self._first(params, tokens, positions, prefix_len, segment_ids, start)
+        st = BeamState(
+            tokens=jnp.full((b, slots), self.cfg.pad_token_id, jnp.int32).at[:, :length].set(tokens),
+            positions=positions,
+            cache=cache,
+            t=jnp.asarray(length, jnp.int32),
+            scores=jnp.zeros((b, 1), jnp.float32),
+            done=jnp.zeros((b,), bool),
+            finished=beam_search.no_finished(b, beams.num_beams, slots - length, self.cfg.pad_token_id),
+            context_len=context_len,
+        )
+        return self._beam_step(st, logits, stops, length, beams)
+
+    def _beam_decode(self, params, st: BeamState, stops, limit, *, first_gen: int, beams) -> BeamState:
+        def running(st: BeamState):
+            return (st.t < limit) & ~jnp.all(st.done)
+
+        def step(st: BeamState) -> BeamState:
+            logits, cache = self._next(params, st.tokens, st.positions, st.cache, st.t)
+            return self._beam_step(st.replace(cache=cache), logits, stops, first_gen, beams)
+
+        return lax.while_loop(running, step, st)
+
+    def beam_search(
+        self,
+        prompts,
+        max_new_tokens: int,
+        beams: beam_search.BeamSearch = beam_search.BeamSearch(),
+        *,
+        bucket: int = 1,
+        stop_tokens: Optional[Sequence[int]] = None,
+        context_lengths: Optional[Sequence[int]] = None,
+    ) -> list[list[beam_search.Hypothesis]]:
+        """Each prompt's hypotheses, best first (``glm_jax.inference.beam_search``): at most
+        ``beams.num_beams`` of them, each the generated tokens without the stop token.
+
+        context_lengths: per prompt, the length the length penalty adds to the generated
+          tokens' (default: the prompt's own length)."""
+        beams = beams.validate(self.cfg.vocab_size)
+        batch = layout_batch(prompts, self.cfg, max_new_tokens, bucket)
+        length = batch.tokens.shape[1]
+        if context_lengths is None:
+            context_lengths = length - batch.start
+        context_len = np.asarray(context_lengths, np.int32).reshape(-1)
+        if context_len.shape[0] != batch.tokens.shape[0]:
+            raise PromptError(f"{context_len.shape[0]} context lengths for {batch.tokens.shape[0]} prompts")
+        stops = jnp.asarray(self.stop_tokens if stop_tokens is None else list(stop_tokens), jnp.int32)
+        key = ("beam", beams, batch.segment_ids is None, length)
+        if key not in self._compiled:
+            self._compiled[key] = (
+                jax.jit(lambda *a: self._beam_prefill(*a, beams=beams)),
+                jax.jit(lambda *a: self._beam_decode(*a, first_gen=length, beams=beams), donate_argnums=(1,)),
+            )
+        prefill, decode = self._compiled[key]
+        with self._context():
+            st = prefill(self.params, batch.tokens, batch.positions, batch.prefix_len, batch.segment_ids, batch.start,
+                         stops, context_len)
+            if max_new_tokens > 1:
+                st = decode(self.params, st, stops, jnp.asarray(length + max_new_tokens, jnp.int32))
+            b, k = st.scores.shape
+            n = int(st.t) - length
+            return beam_search.finalize(
+                {"tokens": np.asarray(st.finished.tokens), "length": np.asarray(st.finished.length),
+                 "score": np.asarray(st.finished.score)},
+                np.asarray(st.scores), np.asarray(st.tokens[:, length:]).reshape(b, k, -1), n, np.asarray(st.done),
+                context_len, np.asarray(stops), beams)
 
     def _programs(self, s: Sampling, batch: Batch):
         s = dataclasses.replace(s, seed=0)  # the key is an argument: one program for every seed
@@ -303,6 +407,11 @@ class Generator:
         new = np.pad(new, ((0, 0), (0, max_new_tokens - new.shape[1])), constant_values=self.cfg.pad_token_id)
         length = batch.tokens.shape[1]
         return np.concatenate([batch.tokens[:, length - batch.width :], new], axis=1)
+
+    def prompt_rows(self, prompts, max_new_tokens: int, bucket: int = 1) -> np.ndarray:
+        """The prompts as :meth:`generate` returns them: left-padded to the widest (or as given)."""
+        batch = layout_batch(prompts, self.cfg, max_new_tokens, bucket)
+        return batch.tokens[:, batch.tokens.shape[1] - batch.width:]
 
     def compiled(self, prompts, max_new_tokens: int, sampling: Sampling = Sampling(), *, bucket: int = 1):
         """The compiled (prefill, decoding loop) programs for these prompts, for inspection:

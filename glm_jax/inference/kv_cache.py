@@ -96,6 +96,14 @@ class KVCache:
             lax.dynamic_index_in_dim(self.v, layer, axis=0, keepdims=False),
         )
 
+    def take(self, rows: jax.Array) -> "KVCache":
+        """The cache of rows ``rows`` (beam search: each new beam continues its parent's row)."""
+        axis = 0 if self.per_layer else 1
+        pick = lambda x: jnp.take(x, rows, axis=axis)  # noqa: E731
+        k = tuple(map(pick, self.k)) if self.per_layer else pick(self.k)
+        v = tuple(map(pick, self.v)) if self.per_layer else pick(self.v)
+        return self.replace(k=k, v=v, start=jnp.take(self.start, rows, axis=0))
+
     def advance(self, n) -> "KVCache":
         """The cache for the next call: ``n`` more slots filled, decoding from now on."""
         return self.replace(index=self.index + n, decoding=True)

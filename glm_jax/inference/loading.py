@@ -98,11 +98,39 @@ class LoadedModel:
         a list of rows of different lengths is padded for you) -> the prompts followed by
         ``max_new_tokens`` new ids, greedy unless ``sampling`` (a
         ``glm_jax.inference.sampling.Sampling``) or its fields (``greedy=False,
-        temperature=, top_k=, top_p=, repetition_penalty=, seed=``) say otherwise. An example
+        temperature=, top_k=, top_p=, repetition_penalty=, seed=``) say otherwise, or a
+        beam search's best hypothesis with ``num_beams=`` > 1 (and ``length_penalty=,
+        no_repeat_ngram_size=, min_gen_length=``: :meth:`beam_search`). An example
         stops at ``<eop>`` or eos; pad fills the rest of its row. ``bucket`` left-pads the
         prompts to a multiple of it, so that prompts of nearby lengths share one compiled
         program (the padding changes no token)."""
+        beam_options = {k: options.pop(k) for k in list(options) if k in _beam_fields()}
+        if beam_options.get("num_beams", 1) > 1:
+            if sampling is not None or options:
+                raise ValueError("beam search is deterministic: pass num_beams= without sampling options")
+            hyps = self.beam_search(input_ids, max_new_tokens, bucket=bucket, **beam_options)
+            prompts = self.generator.prompt_rows(input_ids, max_new_tokens, bucket)
+            out = np.full((len(hyps), max_new_tokens), self.config.pad_token_id, prompts.dtype)
+            for row, h in zip(out, hyps):
+                best = list(h[0].tokens) + ([h[0].stop] if h[0].stop is not None else [])
+                row[: len(best)] = best
+            return np.concatenate([prompts, out], axis=1)
+        if beam_options and set(beam_options) != {"num_beams"}:
+            raise ValueError(f"{sorted(beam_options)[0]} is a beam search option: pass num_beams= > 1 too")
         return self.generator.generate(input_ids, max_new_tokens, _sampling(sampling, options), bucket=bucket)
+
+    def beam_search(self, input_ids, max_new_tokens: int = 32, *, bucket: int = 1, **options):
+        """Each prompt's hypotheses, best first (``glm_jax.inference.beam_search.Hypothesis``:
+        tokens, penalized score, the stop token that ended it), by GLM-130B's beam search;
+        options are :class:`glm_jax.inference.beam_search.BeamSearch`'s fields
+        (``num_beams=4, length_penalty=1.0, no_repeat_ngram_size=0, min_gen_length=0,
+        banned_tokens=(), banned_prefixes=()``)."""
+        from glm_jax.inference.beam_search import BeamSearch
+
+        unknown = sorted(set(options) - _beam_fields())
+        if unknown:
+            raise ValueError(f"unknown beam search option {unknown[0]!r}; valid: {', '.join(sorted(_beam_fields()))}")
+        return self.generator.beam_search(input_ids, max_new_tokens, BeamSearch(**options), bucket=bucket)
 
     def stream(self, input_ids, max_new_tokens: int = 32, sampling=None, *, chunk: int = 8, bucket: int = 1, **options):
         """Like :meth:`generate`, yielding ``[batch, n]`` blocks of new ids as they are produced."""
@@ -126,6 +154,12 @@ class LoadedModel:
         from glm_jax.inference.weights import as_float
 
         return _placed(self.config, qz.quantize(as_float(self.params), self.config, n), self.mesh)
+
+
+def _beam_fields() -> set:
+    from glm_jax.inference.beam_search import BeamSearch  # imports jax: only once generation runs
+
+    return {f.name for f in dataclasses.fields(BeamSearch)}
 
 
 def _sampling(sampling, options: dict):
@@ -206,10 +240,6 @@ def load(checkpoint_dir: str, *, dtype: Optional[str] = None, quantize: Bits = N
 
 def _read(source: directory.Source, dtype: Optional[str], bits: Optional[int], qz, adapter=None) -> tuple[ModelConfig, Any]:
     """The model config and the parameter tree (numpy, LoRA merged, quantized as asked) of one source."""
-    from flax import traverse_util
-
-    from glm_jax.model import lora
-
     stored = params.open_params(source)
     cfg = stored.config
     if dtype is not None:
@@ -228,11 +258,15 @@ def _read(source: directory.Source, dtype: Optional[str], bits: Optional[int], q
         if cfg.lora_rank:
             raise UserError(f"{source.describe()} already has LoRA adapters (model.lora_rank={cfg.lora_rank}); "
                             "load it without another adapter")
+        from flax import traverse_util  # only to merge an adapter: plain loads skip flax's import
+
         cfg, leaves = adapter(cfg)
         flat = traverse_util.flatten_dict(tree)
         flat.update(leaves)
         tree = traverse_util.unflatten_dict(flat)
     if cfg.lora_rank:
+        from glm_jax.model import lora  # imports jax: only when adapters are merged
+
         tree, cfg = lora.merge(tree, cfg)
     if keep:
         tree = qz.from_authors(tree, cfg, bits, quantized.KeptTensors(source.quantized_dir).pair)

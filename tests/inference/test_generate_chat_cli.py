@@ -54,6 +54,12 @@ def test_generate_continues_blank_fills_and_streams(workdir, capsys):
         assert r["ids"] == row[: stop[0] if stop else 6].tolist()
         assert r["answer"] == text.decode(r["ids"])
 
+    beams = ["--num-beams", "3", "--no-repeat-ngram-size", "2", "--json"]
+    assert generate.main(["--checkpoint", workdir, "--prompt", "the quick brown", "--max-new-tokens", "6", *beams]) == 0
+    r = json.loads(capsys.readouterr().out)
+    best = model.beam_search([text.prompt_ids("the quick brown")], 6, num_beams=3, no_repeat_ngram_size=2)[0][0]
+    assert r["ids"] == list(best.tokens) and r["answer"] == text.decode(r["ids"])
+
     assert generate.main(["--checkpoint", workdir, "--prompt", "the quick [MASK] fox [MASK] over", "--max-new-tokens", "3", "--json", "--quantize", "int8"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert len(r["blanks"]) == 2 and r["answer"].startswith("the quick")
@@ -74,6 +80,10 @@ def test_chat_streams_answers_with_history(workdir, capsys, monkeypatch):
     (["--prompt", "the quick brown fox " * 20], "error: a prompt of .* tokens is longer than the model's maximum of 48"),
     (["--prompt", "x", "--vocab", "/nonexistent.model"], "error: --vocab /nonexistent.model: no such file"),
     (["--prompt", "x", "--temperature", "0"], "error: temperature must be > 0"),
+    (["--prompt", "x", "--num-beams", "0"], "error: --num-beams must be >= 1, got 0"),
+    (["--prompt", "x", "--length-penalty", "2"], "error: --length-penalty is a beam search option: add --num-beams N"),
+    (["--prompt", "x", "--num-beams", "2", "--sample"], "error: beam search is deterministic: drop --sample"),
+    (["--prompt", "x", "--num-beams", "2", "--stream"], "error: --stream shows tokens as they are chosen"),
     (["--prompt", "x", "--vocab", "config.yaml"], "error: config.yaml is not a SentencePiece model \\(.*\\)"),
     (["--prompt", "x", "--model-parallel", "3"],
      "error: --model-parallel 3 does not divide the model's 4 attention heads and 48 MLP units; valid values: 1, 2, 4"),

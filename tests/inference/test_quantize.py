@@ -14,6 +14,7 @@ from glm_jax.config import load_config
 from glm_jax.checkpoint import authors_layout, quantized
 from glm_jax.convert.__main__ import main as convert_main
 from glm_jax.inference import quantize as qz
+from glm_jax.inference.beam_search import BeamSearch
 from glm_jax.inference.decode import Generator
 from glm_jax.inference.loading import load
 from glm_jax.model import GLM, prepare_inputs
@@ -111,7 +112,7 @@ def test_prequantized_release_keeps_its_own_tensors(tmp_path):
 
 def test_sharded_generation_matches_one_device(models, generators):
     """On a data=2 x model=4 mesh (heads and MLP split four ways), float and INT4 greedy
-    decoding give the single-device tokens."""
+    decoding and beam search give the single-device tokens."""
     from glm_jax.config import MeshConfig
     from glm_jax.parallel.mesh import make_mesh
 
@@ -121,6 +122,10 @@ def test_sharded_generation_matches_one_device(models, generators):
     want = generators["chatglm-6b"].generate(rows, 8)
     sharded = Generator(cfg, params, mesh=mesh)
     np.testing.assert_array_equal(sharded.generate(rows, 8), want)
+    beams = BeamSearch(num_beams=4)  # 2 prompts x 4 beams over data=2: the cache rows reordered across shards
+    got, one = sharded.beam_search(rows, 6, beams), generators["chatglm-6b"].beam_search(rows, 6, beams)
+    assert [[h.tokens for h in hs] for hs in got] == [[h.tokens for h in hs] for hs in one]
+    np.testing.assert_allclose([h.score for hs in got for h in hs], [h.score for hs in one for h in hs], rtol=1e-5)
 
     q4 = qz.quantize(params, cfg, 4)
     sharded4 = Generator(cfg, q4, mesh=mesh)
