@@ -3,8 +3,10 @@ evaluate a model on tasks in GLM-130B's format.
 
 Each ``--task`` is one of the authors' task YAML files (``name``, ``type``, ``path``,
 ``file-pattern``, ``use_task_mask``, ``max_seq_length``, ...); its data is read from
-``ROOT/<path>``. Multiple-choice (``mul``) tasks are scored as the authors score them
-(``glm_jax.evaluation.multiple_choice``): accuracy per data file, then per group the max,
+``ROOT/<path>``. Tasks are evaluated as the authors evaluate them
+(``glm_jax.evaluation``): multiple choice (``mul``, accuracy), generation (``gen``,
+greedy or beam search; exact match and F1, LAMBADA's own rule) and language modelling
+(``lm``, perplexity over rolling windows); per data file, then per group the max,
 median and sample-weighted average. ``--results DIR`` keeps each file's predictions and
 scores, and a rerun resumes from them. ``--quantize int8|int4`` evaluates the same
 checkpoint with quantized weights (the authors' quality table). Progress goes to stderr;
@@ -49,13 +51,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for t in tasks:
         t.file_groups(args.data)
     model, text = cli.load_model_and_text(args, read_prefix=ptuning.read, read_adapter=lora_adapter.read)
-    from glm_jax.evaluation.multiple_choice import Scorer  # imports jax: after the inputs are checked
+    from glm_jax.evaluation.evaluator import Evaluator  # imports jax: after the inputs are checked
 
-    scorer = Scorer(model.config, model.params, batch_rows=args.batch_rows)
+    evaluator = Evaluator(model.config, model.params, text.encode, text.decode, batch_rows=args.batch_rows,
+                          generator=model.generator)
     identity = {"checkpoint": os.path.abspath(args.checkpoint), "quantize": args.quantize, "dtype": args.dtype,
                 "ptuning": args.ptuning_checkpoint, "lora": args.lora_adapter, "vocab": args.vocab}
     for task in tasks:
-        result = runner.run_task(task, args.data, scorer.sample_scores, text.encode, model_identity=identity,
+        result = runner.run_task(task, args.data, evaluator, model_identity=identity,
                                  results=args.results)
         if args.json:
             print(json.dumps(result), flush=True)

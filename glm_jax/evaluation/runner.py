@@ -15,12 +15,10 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
-import numpy as np
-
-from glm_jax.evaluation import metrics, samples
-from glm_jax.evaluation.task_config import TaskConfig, TaskError
+from glm_jax.evaluation import metrics
+from glm_jax.evaluation.task_config import TaskConfig
 
 
 def fingerprint(task: TaskConfig, model_identity: dict) -> str:
@@ -57,17 +55,29 @@ def _write(path: str, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_task(task: TaskConfig, data_root: str, score: Callable[[Sequence[samples.ChoiceSample], bool], list],
-             encode: Callable[[str], Sequence[int]], *, model_identity: dict, results: Optional[str] = None,
-             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
-    """Evaluate ``task``; returns ``{"task", "type", "groups": {group: {"files": {file: {...}},
-    "stats": {metric: {max, median, average}}}}, "overall": {...}, "counts": {...}}``.
+class Progress:
+    """Samples done in one file, with rate and ETA on stderr at most every ``every`` seconds."""
 
-    score(samples, use_task_mask) -> each sample's choice scores (``multiple_choice.Scorer``).
-    """
-    if task.type != "mul":
-        raise TaskError(f"{task.source}: type {task.type!r} tasks are not evaluated yet; this version runs "
-                        "multiple-choice (mul) tasks")
+    def __init__(self, label: str, total: int, log: Callable[[str], None], every: float = 10.0):
+        self.label, self.total, self.log, self.every = label, total, log, every
+        self.done, self.t0 = 0, time.perf_counter()
+        self.last = self.t0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every and self.done < self.total:
+            self.last = now
+            rate = self.done / (now - self.t0)
+            self.log(f"    {self.label}: {self.done}/{self.total} samples, {rate:.1f}/s, "
+                     f"ETA {(self.total - self.done) / rate:.0f} s")
+
+
+def run_task(task: TaskConfig, data_root: str, evaluator, *, model_identity: dict, results: Optional[str] = None,
+             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
+    """Evaluate ``task`` with ``evaluator`` (``glm_jax.evaluation.evaluator.Evaluator``);
+    returns ``{"task", "type", "groups": {group: {"files": {file: {metrics, samples}},
+    "stats": {metric: {max, median, average}}}}, "overall": {...}, "counts": {...}}``."""
     groups = task.file_groups(data_root)
     key = fingerprint(task, model_identity)
     root = os.path.join(data_root, task.path)
@@ -76,11 +86,13 @@ def run_task(task: TaskConfig, data_root: str, score: Callable[[Sequence[samples
     total = sum(len(files) for files in groups.values())
     done = 0
     log(f"glm_jax.eval: {task.name} ({task.type}): {total} file(s) in {len(groups)} group(s)")
-    # Every file is read (and every line checked) before the first is scored: a bad line
+    limit = evaluator.max_seq_length(task)
+    if limit < task.max_seq_length:
+        log(f"  max_seq_length {task.max_seq_length} is more than the model's {limit}: contexts are cut to {limit}")
+    # Every file is read (and every line checked) before the first is evaluated: a bad line
     # late in the task stops the run before the compute, not after it.
     read_counts: dict = {}
-    data = {(group, rel): samples.read_choice_file(os.path.join(root, rel), encode, task.max_seq_length,
-                                                   read_counts.setdefault((group, rel), {}))
+    data = {(group, rel): evaluator.read(task, os.path.join(root, rel), read_counts.setdefault((group, rel), {}))
             for group, files in groups.items() for rel in files}
     for group, files in groups.items():
         per_file = {}
@@ -92,16 +104,13 @@ def run_task(task: TaskConfig, data_root: str, score: Callable[[Sequence[samples
             record = _cached(cache, key, data_file)
             if record is None:
                 t0 = time.perf_counter()
-                items, counts = data[group, rel], read_counts[group, rel]
-                choice_scores = score(items, task.use_task_mask)
-                predictions = [int(np.argmax(s)) for s in choice_scores]
-                labels = [s.label for s in items]
+                items = data[group, rel]
+                progress = Progress(f"[{done}/{total}] {rel}", evaluator.size(task, items), log)
+                record = evaluator.evaluate(task, items, progress)
                 seconds = time.perf_counter() - t0
                 stat = os.stat(data_file)
-                record = {"fingerprint": key, "model": model_identity, "data": [stat.st_size, int(stat.st_mtime)], "samples": len(items),
-                          "metrics": {"Accuracy": metrics.accuracy(predictions, labels)}, "predictions": predictions,
-                          "labels": labels, "scores": choice_scores, "counts": counts,
-                          "seconds": round(seconds, 3)}
+                record.update({"fingerprint": key, "model": model_identity, "data": [stat.st_size, int(stat.st_mtime)],
+                               "counts": read_counts[group, rel], "seconds": round(seconds, 3)})
                 if cache:
                     _write(cache, record)
                 how = f"{record['samples'] / seconds:.1f} samples/s"

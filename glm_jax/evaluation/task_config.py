@@ -33,6 +33,9 @@ from glm_jax.errors import UserError
 
 TYPES = ("mul", "gen", "lm")
 STRATEGIES = ("BaseStrategy", "BeamSearchStrategy")
+# The metrics each type computes (GLM-130B's names); "Accuracy" of a generation task is
+# LAMBADA's stripped exact match.
+METRICS = {"mul": ("Accuracy",), "gen": ("EM", "F1", "Accuracy"), "lm": ("PPL",)}
 
 
 class TaskError(UserError):
@@ -118,8 +121,15 @@ def load_task(path: str) -> TaskConfig:
         raise TaskError(f"{path}: unidirectional needs use_task_mask: true ([MASK] has no unidirectional form)")
     if values.get("use_multitask_encoding"):
         raise TaskError(f"{path}: use_multitask_encoding is not supported (nor by the authors' code)")
+    if kind == "gen":
+        gen, seq = values.get("max_gen_length", 128), values.get("max_seq_length", 2048)
+        if seq - gen - 2 < 1:
+            raise TaskError(f"{path}: max_gen_length {gen} leaves no room for a context in max_seq_length {seq}")
     if "metrics" in values:
         values["metrics"] = tuple(values["metrics"])
+        bad = [m for m in values["metrics"] if m not in METRICS[kind]]
+        if bad:
+            raise TaskError(f"{path}: metric {bad[0]!r} is not computed for a {kind} task; valid: {', '.join(METRICS[kind])}")
     return TaskConfig(source=path, **values)
 
 

@@ -2,25 +2,22 @@
 (their mask and positions, restated), its scores equal each choice scored alone, and
 ``python -m glm_jax.eval`` reports, caches and refuses as a user expects."""
 
-import dataclasses
 import json
 import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from scipy.linalg import block_diag
 
 from glm_jax import eval as eval_cli
 from glm_jax.cli import run_main
-from glm_jax.config import Config, TrainConfig, dump_config
-from glm_jax.data import build_vocab
-from glm_jax.evaluation import multiple_choice as mc
+from glm_jax.evaluation import multiple_choice as mc, scoring
 from glm_jax.evaluation.samples import ChoiceSample
 from glm_jax.evaluation.task_config import TaskError, load_task
 from glm_jax.inference.loading import load
 from glm_jax.model import GLM
+from eval_fixtures import QUESTIONS
 from helpers import init_params, randomize, variant
 from reference_glm import authors_state_dict, forward
 
@@ -69,13 +66,13 @@ def test_packed_scores_are_the_authors_row_and_equal_each_choice_alone(case):
     params = randomize(init_params(cfg))
     sample = ChoiceSample(tuple(context), tuple(map(tuple, choices)), 0)
     packed = mc.packed_row(sample, cfg, task_mask)
-    scorer = mc.Scorer(cfg, params, batch_rows=2)
+    scorer = scoring.Scorer(cfg, params, batch_rows=2)
 
     if not cfg.two_d_positions:  # the authors' evaluation code is GLM-130B's (1D positions)
         tokens, positions, mask, reads = authors_row(context, choices, cfg, task_mask)
         np.testing.assert_array_equal(packed.tokens, tokens[0])
         np.testing.assert_array_equal(packed.positions, positions[0])
-        inputs = mc.batch([packed], cfg)
+        inputs = scoring.batch([packed], cfg)
         n = len(packed.tokens)
         got = np.asarray(GLM(cfg).apply({"params": params}, inputs["tokens"], inputs["positions"], inputs["prefix_len"],
                                         inputs["segment_ids"], shared_end=inputs["shared_end"]))[0, :n]
@@ -89,35 +86,6 @@ def test_packed_scores_are_the_authors_row_and_equal_each_choice_alone(case):
     assert len(packed_scores) == len(choices)
     np.testing.assert_allclose(packed_scores, alone, rtol=1e-5, atol=1e-5)
     assert len(set(np.round(packed_scores, 3))) > 1  # the choices score differently
-
-
-TEXT = "\n".join(f"the quick brown fox {i} jumps over the lazy dog number {i * 7}. hello world!" for i in range(300))
-QUESTIONS = [("the quick brown", [" fox", " dog", " hello world"], 0), ("jumps over the lazy", [" fox", " dog"], 1),
-             ("hello", [" world", " number 7", " quick"], 0)]
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A small GLM-130B-style training workdir with its own vocabulary, a task file and its data."""
-    d = tmp_path_factory.mktemp("eval")
-    cfg = variant("glm-130b", max_seq_len=64)
-    (d / "text.txt").write_text(TEXT)
-    vocab = build_vocab.train([str(d / "text.txt")], 90, str(d / "sp.model"))
-    full = dataclasses.replace(Config(model=cfg, train=TrainConfig(seq_len=32)), data=dataclasses.replace(Config().data, vocab=vocab))
-    (d / "run").mkdir()
-    (d / "run" / "config.yaml").write_text(dump_config(full))
-    mngr = ocp.CheckpointManager(str(d / "run" / "checkpoints"))
-    params = jax.tree.map(np.asarray, randomize(init_params(cfg), seed=2, scale=2.0))
-    mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params, "step": np.int32(3)})))
-    mngr.wait_until_finished()
-    mngr.close()
-    for group, lines in {"a": QUESTIONS, "b": QUESTIONS[::-1] * 2}.items():
-        (d / "data" / "toy" / group).mkdir(parents=True)
-        (d / "data" / "toy" / group / "x.jsonl").write_text("\n".join(
-            json.dumps({"inputs_pretokenized": q, "choices_pretokenized": c, "label": y}) for q, c, y in lines))
-    (d / "toy.yaml").write_text('name: "toy"\ntype: "mul"\npath: "toy"\nfile-pattern:\n  a: "a/*.jsonl"\n  b: "b/*.jsonl"\n'
-                                "max_seq_length: 64\n")
-    return d
 
 
 def _expected_predictions(workdir, questions):
