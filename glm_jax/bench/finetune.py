@@ -138,21 +138,6 @@ def bench_cost(shape: str, steps: int, overrides: Sequence[str]) -> list[dict]:
     return rows
 
 
-def held_out_loss(trainer, params, cfg: Config, batches: int) -> float:
-    from glm_jax.data.pipeline import BatchStream
-    from glm_jax.parallel.distributed import global_batch
-
-    stream = BatchStream(cfg, "validation")
-    total = weight = 0.0
-    try:
-        for _ in range(batches):
-            s, w = trainer.eval_step(params, global_batch(stream.next(cfg.train.batch_size), trainer.mesh))
-            total, weight = total + float(s), weight + float(w)
-    finally:
-        stream.close()
-    return total / max(weight, 1.0)
-
-
 def bench_forgetting(workdir: str, train_steps: int, eval_batches: int, overrides: Sequence[str],
                      replay_rates: Sequence[float] = (0.0,)) -> list[dict]:
     import os
@@ -162,6 +147,7 @@ def bench_forgetting(workdir: str, train_steps: int, eval_batches: int, override
     from glm_jax.data.pipeline import BatchStream
     from glm_jax.parallel.distributed import global_batch
     from glm_jax.parallel.mesh import make_mesh
+    from glm_jax.training.held_out import held_out_loss
     from glm_jax.training.trainer import Trainer
 
     pretrain = load_config(os.path.join(workdir, "config.yaml"), ["mesh.data=-1"])

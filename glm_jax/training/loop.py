@@ -26,6 +26,7 @@ from glm_jax.parallel import distributed
 from glm_jax.parallel.mesh import make_mesh
 from glm_jax.training import pipeline_plan
 from glm_jax.training.batch_rampup import batch_size_at, batch_sizes
+from glm_jax.training.held_out import held_out_loss
 from glm_jax.training.metrics import flops_per_token, peak_flops
 from glm_jax.training.stability import SpikeMonitor
 from glm_jax.training.tensorboard import ScalarWriter
@@ -225,22 +226,15 @@ class TrainingRun:
         if self.no_eval:
             return None
         t0 = time.perf_counter()
-        cfg = self.cfg
-        loss_sum = weight = 0.0
-        stream = BatchStream(cfg, "validation", process_index=self.shard_index, process_count=self.shard_count)
         try:
-            for _ in range(cfg.train.eval_batches):
-                batch = distributed.global_batch(stream.next(cfg.train.batch_size), self.trainer.mesh)
-                ls, w = self.trainer.eval_step(self.state.params, batch)
-                loss_sum, weight = loss_sum + float(ls), weight + float(w)
+            return held_out_loss(self.trainer, self.state.params, self.cfg, self.cfg.train.eval_batches,
+                                 process_index=self.shard_index, process_count=self.shard_count)
         except EmptySplit as e:
             self.no_eval = True
             log(f"warning: {e}; the held-out loss is not computed in this run (give the corpus more documents)")
             return None
         finally:
-            stream.close()
             self.eval_seconds += time.perf_counter() - t0
-        return loss_sum / max(weight, 1.0)
 
     def log_eval(self, step: int, value: Optional[float]) -> None:
         if value is None:
