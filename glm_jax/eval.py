@@ -54,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from glm_jax.evaluation.evaluator import Evaluator  # imports jax: after the inputs are checked
 
     evaluator = Evaluator(model.config, model.params, text.encode, text.decode, batch_rows=args.batch_rows,
-                          generator=model.generator)
+                          generator=model.generator, mesh=model.mesh)
     identity = {"checkpoint": os.path.abspath(args.checkpoint), "quantize": args.quantize, "dtype": args.dtype,
                 "ptuning": args.ptuning_checkpoint, "lora": args.lora_adapter, "vocab": args.vocab}
     for task in tasks:

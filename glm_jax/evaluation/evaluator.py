@@ -26,12 +26,12 @@ Progress = Callable[[int], None]
 
 class Evaluator:
     def __init__(self, cfg: ModelConfig, params: Any, encode: Callable[[str], Sequence[int]],
-                 decode: Callable[[Sequence[int]], str], *, batch_rows: int = 8, generator=None):
+                 decode: Callable[[Sequence[int]], str], *, batch_rows: int = 8, generator=None, mesh=None):
         from glm_jax.evaluation.scoring import Scorer  # imports jax: the CLI checks its inputs first
 
         self.cfg, self.params, self.encode, self.decode = cfg, params, encode, decode
-        self.batch_rows = batch_rows
-        self.scorer = Scorer(cfg, params, batch_rows=batch_rows)
+        self.scorer = Scorer(cfg, params, batch_rows=batch_rows, mesh=mesh)
+        self.batch_rows = self.scorer.batch_rows
         self._generator = generator
 
     @property

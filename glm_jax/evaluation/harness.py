@@ -9,8 +9,8 @@ see a model defined outside it. From Python, ``import glm_jax.evaluation.harness
 pass ``model="glm_jax"`` to ``lm_eval.simple_evaluate``.)
 
 Model arguments: ``checkpoint`` (required), ``quantize`` (int8|int4), ``dtype``, ``vocab``,
-``vocab_id_offset``, ``ptuning_checkpoint``, ``lora_adapter`` (as ``python -m
-glm_jax.generate`` takes them), ``mask`` (``MASK`` or ``gMASK``: the mask before a scored
+``vocab_id_offset``, ``ptuning_checkpoint``, ``lora_adapter``, ``model_parallel`` (as
+``python -m glm_jax.generate`` takes them), ``mask`` (``MASK`` or ``gMASK``: the mask before a scored
 continuation; default ``gMASK`` for 2D-position models such as ChatGLM-6B, ``MASK`` for
 GLM-130B as its authors' multiple-choice tasks use), ``max_gen_toks`` (default 256),
 ``rolling_stride`` (default half the model's length). lm-eval's ``--batch_size`` is the rows
@@ -57,19 +57,19 @@ class GLMJaxLM(LM):
                  vocab: Optional[str] = None, vocab_id_offset: Optional[int] = None,
                  ptuning_checkpoint: Optional[str] = None, lora_adapter: Optional[str] = None,
                  mask: Optional[str] = None, max_gen_toks: int = 256, rolling_stride: Optional[int] = None,
-                 batch_size=8, max_batch_size=None, device=None, **unknown):
+                 model_parallel: int = 1, batch_size=8, max_batch_size=None, device=None, **unknown):
         super().__init__()
         if unknown:
             raise ValueError(f"glm_jax model: unknown argument {sorted(unknown)[0]!r}; valid: checkpoint, quantize, "
                              "dtype, vocab, vocab_id_offset, ptuning_checkpoint, lora_adapter, mask, max_gen_toks, "
-                             "rolling_stride")
+                             "rolling_stride, model_parallel")
         if not checkpoint:
             raise ValueError("glm_jax model: --model_args checkpoint=DIR is required")
         if mask is not None and mask not in MASKS:
             raise ValueError(f"glm_jax model: mask={mask!r}; valid: {', '.join(MASKS)}")
         args = argparse.Namespace(checkpoint=str(checkpoint), quantize=quantize, dtype=dtype, vocab=vocab,
                                   vocab_id_offset=vocab_id_offset, ptuning_checkpoint=ptuning_checkpoint,
-                                  lora_adapter=lora_adapter, model_parallel=1)
+                                  lora_adapter=lora_adapter, model_parallel=int(model_parallel))
         self.model, self.text = cli.load_model_and_text(args, read_prefix=ptuning.read, read_adapter=adapter_files.read)
         cfg = self.cfg = self.model.config
         self.use_gmask = (mask or ("gMASK" if cfg.two_d_positions else "MASK")) == "gMASK"
@@ -80,7 +80,7 @@ class GLMJaxLM(LM):
             raise ValueError(f"glm_jax model: rolling_stride={self.stride}; expected 1 .. {cfg.max_seq_len - 2}")
         from glm_jax.evaluation.scoring import Scorer  # imports jax: once the arguments are checked
 
-        self.scorer = Scorer(cfg, self.model.params, batch_rows=self.batch_rows)
+        self.scorer = Scorer(cfg, self.model.params, batch_rows=self.batch_rows, mesh=self.model.mesh)
 
     # -- loglikelihood ---------------------------------------------------------------------
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:

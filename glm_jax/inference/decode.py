@@ -28,11 +28,9 @@ bursts a few tens of milliseconds apart.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -367,12 +365,7 @@ class Generator:
         return prefill, decode
 
     def _context(self):
-        if self.mesh is None:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(nn.logical_axis_rules(rules.logical_axis_rules()))
-        return stack
+        return rules.mesh_context(self.mesh)
 
     # -- host side -------------------------------------------------------------------
     def stream(

@@ -7,6 +7,7 @@ on. Mesh axes of size 1 cost nothing, so the table is the same for every mesh sh
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -107,6 +108,17 @@ def mesh_axes(logical: str, axis_names: tuple[str, ...]) -> tuple[str, ...]:
             axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
             return tuple(a for a in axes if a in axis_names)
     return ()
+
+
+def mesh_context(mesh: Mesh | None):
+    """The context a model runs in on ``mesh``: the mesh set, and the logical-axis rules
+    (nothing for ``None``: one device)."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(logical_axis_rules()))
+    return stack
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

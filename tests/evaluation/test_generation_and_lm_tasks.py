@@ -227,3 +227,41 @@ def test_bad_generation_tasks_are_one_line(setup, tmp_path, capsys, body, line, 
         run_main(eval_cli.main, ["--checkpoint", str(setup / "run"), "--task", task, "--data", str(tmp_path / "data")])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and message in err[-1] and err[-1].startswith("error:"), err
+
+
+def test_the_head_in_chunks_scores_what_the_whole_head_does(monkeypatch):
+    """Reads past READ_CHUNK run the vocabulary head chunk by chunk: the same scores."""
+    from glm_jax.evaluation import scoring
+    from helpers import init_params, randomize
+
+    cfg = variant("glm-130b")
+    params = randomize(init_params(cfg), seed=3)
+    doc = Document(tuple(int(t) for t in np.random.default_rng(0).integers(1, 99, 150)), words=100)
+    rows = language_model.window_rows(doc, cfg, max_seq_length=64, generation_length=32, use_task_mask=True,
+                                      unidirectional=False)
+    whole = scoring.Scorer(cfg, params, batch_rows=2).row_scores(rows, greedy=True)
+    monkeypatch.setattr(scoring, "READ_CHUNK", 32)
+    assert scoring.batch(rows[:2], cfg)["read_ids"].shape[1] == 64  # two chunks of reads
+    chunked = scoring.Scorer(cfg, params, batch_rows=2).row_scores(rows, greedy=True)
+    for w, c in zip(whole, chunked):
+        assert w[0][1] == c[0][1]
+        np.testing.assert_allclose(w[0][0], c[0][0], rtol=1e-6)
+
+
+def test_scoring_on_a_mesh_equals_one_device(setup):
+    """Rows split over data=4, heads and MLP over model=2: the single-device scores."""
+    from glm_jax.config import MeshConfig
+    from glm_jax.evaluation import scoring
+    from glm_jax.parallel.mesh import make_mesh
+
+    mesh = make_mesh(MeshConfig(data=-1, model=2))
+    sharded, one = load(str(setup / "run"), mesh=mesh), load(str(setup / "run"))
+    cfg = one.config
+    doc = Document(tuple(int(t) for t in np.random.default_rng(1).integers(1, 99, 120)), words=80)
+    rows = language_model.window_rows(doc, cfg, max_seq_length=64, generation_length=32, use_task_mask=False,
+                                      unidirectional=False)
+    scorer = scoring.Scorer(cfg, sharded.params, batch_rows=3, mesh=mesh)
+    assert scorer.batch_rows == 4  # a multiple of the data axis
+    got = scorer.row_scores(rows)
+    want = scoring.Scorer(cfg, one.params, batch_rows=3).row_scores(rows)
+    np.testing.assert_allclose(np.ravel(got), np.ravel(want), rtol=1e-5)
