@@ -141,19 +141,47 @@ def synthetic_sat(directory: str, *, vocab: int, hidden: int, layers: int, heads
     }
 
 
+# Runs a child's ``-m module`` or ``-c code`` and writes the child's own peak RSS (VmHWM of
+# its address space) to a file at exit. wait4's ru_maxrss cannot serve: Linux carries the
+# parent's high-water mark into a child across fork/vfork + exec, so a child of a large
+# process (pytest, say) reported the parent's peak, not its own.
+_PEAK_WRAPPER = """
+import atexit, runpy, sys
+report, kind, target = sys.argv[1:4]
+def _peak():
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    with open(report, "w") as f:
+        f.write(str(kb))
+atexit.register(_peak)
+sys.argv = [kind] + sys.argv[4:]
+if kind == "-m":
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+else:
+    exec(compile(target, "<string>", "exec"), {"__name__": "__main__"})
+"""
+
+
 def run_child(argv: list[str]) -> dict:
-    """Run a Python child; its wall time and peak RSS (from wait4, so only that process)."""
+    """Run a Python child (``["-m", module, *args]`` or ``["-c", code]``); its wall time and
+    its own peak RSS (VmHWM on Linux; elsewhere wait4's ru_maxrss)."""
+    import tempfile
+
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH", "")) if p)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(argv[:4])} failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
-    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": out}
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "peak")
+        wrapped = ["-c", _PEAK_WRAPPER, report, *argv] if argv[0] in ("-m", "-c") and os.path.exists("/proc/self/status") else argv
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, *wrapped], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(argv[:4])} failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
+        peak_kb = int(open(report).read()) if os.path.exists(report) else usage.ru_maxrss
+    return {"seconds": seconds, "peak_rss_mb": peak_kb / 1024, "stdout": out}
 
 
 def _stats(seconds: float, peak_rss_mb: float, mb: float) -> dict:

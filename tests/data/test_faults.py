@@ -18,8 +18,11 @@ WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".spl
 HUGE_WORDS = 1_500_000  # one line of ~9 MB
 PEAK_RSS_MB = 1800  # measured ~1.1-1.3 GB on a 2-core CPU host (TF, seqio and jax loaded); limit with margin
 
+# The reader's own peak: VmHWM of its address space. Not ru_maxrss: Linux carries the
+# parent's high-water mark into a child across fork/vfork + exec, so a reader started by a
+# pytest process that had grown to 4 GB reported 4 GB.
 READ = """
-import json, resource, sys
+import json, sys
 from glm_jax.config import load_config
 from glm_jax.data import tasks
 from glm_jax.data.pipeline import BatchStream
@@ -29,7 +32,7 @@ stream = BatchStream(cfg, "train")
 rows = sum(stream.next(8).size for _ in range(int(sys.argv[2])))
 stream.close()
 print(json.dumps({"rows": rows, "stats": dict(tasks.STATS),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:"))) / 1024}))
 """
 
 

@@ -58,7 +58,7 @@ def test_bench_train_pipe_compares_with_the_unpipelined_step():
     assert r["bubble_predicted"] == round(1 / (m + 1), 4)
     assert r["step_s_pipelined"] > 0 and r["step_s_unpipelined"] > 0
     # A measured share: from the timed iteration (which noise on a shared host can push below 0).
-    assert r["bubble_observed"] == pytest.approx(r["iteration_s"] / r["step_s_pipelined"], abs=2e-4)
+    assert r["bubble_observed"] == pytest.approx(r["iteration_s"] / r["step_s_pipelined"], rel=0.01, abs=1e-3)
     assert r["tokens_per_s_pipelined"] == pytest.approx(8 * 64 / r["step_s_pipelined"], rel=0.01)
     assert "overhead, not its speed-up" in r["note"]
     assert "bubble" in out.stderr
