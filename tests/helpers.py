@@ -97,3 +97,28 @@ def tensorboard_scalars(directory) -> dict[str, dict[int, float]]:
             for v in event.summary.value:
                 scalars.setdefault(v.tag, {})[event.step] = float(tf.make_ndarray(v.tensor))
     return scalars
+
+
+def training_workdir(run_dir, cfg: ModelConfig, params, corpus_file, vocab_size: int = 90) -> str:
+    """What ``python -m glm_jax.train workdir=RUN`` leaves, built directly: ``config.yaml``
+    naming a SentencePiece vocabulary trained on ``corpus_file`` (written next to RUN as
+    ``sp.model``) and one orbax checkpoint (step 3) of ``params``."""
+    import os
+
+    import orbax.checkpoint as ocp
+
+    from glm_jax.config import Config, TrainConfig, dump_config
+    from glm_jax.data import build_vocab
+
+    run_dir = str(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    vocab = build_vocab.train([str(corpus_file)], vocab_size, os.path.join(os.path.dirname(run_dir), "sp.model"))
+    full = dataclasses.replace(Config(model=cfg, train=TrainConfig(seq_len=32)),
+                               data=dataclasses.replace(Config().data, vocab=vocab))
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(dump_config(full))
+    mngr = ocp.CheckpointManager(os.path.join(run_dir, "checkpoints"))
+    mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params, "step": np.int32(3)})))
+    mngr.wait_until_finished()
+    mngr.close()
+    return run_dir

@@ -56,7 +56,7 @@ class KVCache:
     k: Buffers  # per layer [batch, heads, head_dim, slots] (a tuple), or stacked with a layers axis
     v: Buffers  # per layer [batch, heads, slots, head_dim]
     start: jax.Array  # [batch] int32: first real slot of each example
-    index: jax.Array  # [] int32: slot of the first token of the next model call
+    index: jax.Array  # [] int32: slot of the first token of the next model call ([batch]: each row's own)
     # False: the call is a prefill (GLM mask among its own tokens); True: its tokens are
     # Part B continuing the cached sequence (kernels/decode.py).
     decoding: bool = flax.struct.field(pytree_node=False, default=False)
@@ -78,9 +78,17 @@ class KVCache:
             if i is None:
                 raise ValueError("a per-layer KV cache needs the layer index at trace time (an unrolled model)")
             ks, vs = list(self.k), list(self.v)
-            ks[i] = lax.dynamic_update_slice(ks[i], k_t.astype(ks[i].dtype), (0, 0, 0, self.index))
-            vs[i] = lax.dynamic_update_slice(vs[i], v_t.astype(vs[i].dtype), (0, 0, self.index, 0))
+            if jnp.ndim(self.index) == 1:  # every row at its own slot (continuous batching)
+                put_k = jax.vmap(lambda buf, new, at: lax.dynamic_update_slice_in_dim(buf, new, at, 2))
+                put_v = jax.vmap(lambda buf, new, at: lax.dynamic_update_slice_in_dim(buf, new, at, 1))
+                ks[i] = put_k(ks[i], k_t.astype(ks[i].dtype), self.index)
+                vs[i] = put_v(vs[i], v_t.astype(vs[i].dtype), self.index)
+            else:
+                ks[i] = lax.dynamic_update_slice(ks[i], k_t.astype(ks[i].dtype), (0, 0, 0, self.index))
+                vs[i] = lax.dynamic_update_slice(vs[i], v_t.astype(vs[i].dtype), (0, 0, self.index, 0))
             return self.replace(k=tuple(ks), v=tuple(vs))
+        if jnp.ndim(self.index) == 1:
+            raise ValueError("per-row write slots need a per-layer cache (an unrolled model)")
         return self.replace(
             k=lax.dynamic_update_slice(self.k, k_t[None].astype(self.k.dtype), (layer, 0, 0, 0, self.index)),
             v=lax.dynamic_update_slice(self.v, v_t[None].astype(self.v.dtype), (layer, 0, 0, self.index, 0)),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -84,3 +85,45 @@ def choose(logits: jax.Array, seen: jax.Array, s: Sampling, key: jax.Array) -> j
     if s.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, warp(logits, s), axis=-1).astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class RowSampling:
+    """Per-row settings, for a batch whose rows are different requests (continuous
+    batching): each row greedy or sampled with its own temperature, top-k, top-p and seed."""
+
+    greedy: jax.Array  # [b] bool
+    temperature: jax.Array  # [b] float32
+    top_k: jax.Array  # [b] int32, 0 = off
+    top_p: jax.Array  # [b] float32, 1 = off
+    seed: jax.Array  # [b] uint32
+
+    @staticmethod
+    def of(settings: "list[Sampling]") -> "RowSampling":
+        import numpy as np
+
+        return RowSampling(greedy=np.asarray([s.greedy for s in settings]),
+                           temperature=np.asarray([s.temperature for s in settings], np.float32),
+                           top_k=np.asarray([s.top_k for s in settings], np.int32),
+                           top_p=np.asarray([s.top_p for s in settings], np.float32),
+                           seed=np.asarray([s.seed % 2**32 for s in settings], np.uint32))
+
+
+def choose_rows(logits: jax.Array, s: RowSampling, step: jax.Array) -> jax.Array:
+    """The next token ``[b]`` of each row by its own settings (the rules of :func:`warp`,
+    no repetition penalty); a sampled row's key is ``fold_in(key(seed), step)``."""
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    x = logits / s.temperature[:, None]
+    ranked = -jnp.sort(-x, axis=-1)
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, vocab), vocab)
+    kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=1)
+    x = jnp.where(x < kth, -jnp.inf, x)
+    ranked = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < s.top_p[:, None]
+    cutoff = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1, keepdims=True)
+    x = jnp.where(x < cutoff, -jnp.inf, x)
+    keys = jax.vmap(lambda seed, t: jax.random.fold_in(jax.random.key(seed), t))(s.seed, step)
+    sampled = jax.vmap(jax.random.categorical)(keys, x)
+    return jnp.where(s.greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)

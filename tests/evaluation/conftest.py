@@ -1,18 +1,14 @@
 """One small GLM-130B-style training workdir with its own vocabulary, shared by the
 evaluation tests (built once per session)."""
 
-import dataclasses
 import json
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from eval_fixtures import QUESTIONS, TEXT
-from glm_jax.config import Config, TrainConfig, dump_config
-from glm_jax.data import build_vocab
-from helpers import init_params, randomize, variant
+from helpers import init_params, randomize, training_workdir, variant
 
 
 @pytest.fixture(scope="session")
@@ -21,15 +17,8 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
     cfg = variant("glm-130b", max_seq_len=64)
     (d / "text.txt").write_text(TEXT)
-    vocab = build_vocab.train([str(d / "text.txt")], 90, str(d / "sp.model"))
-    full = dataclasses.replace(Config(model=cfg, train=TrainConfig(seq_len=32)), data=dataclasses.replace(Config().data, vocab=vocab))
-    (d / "run").mkdir()
-    (d / "run" / "config.yaml").write_text(dump_config(full))
-    mngr = ocp.CheckpointManager(str(d / "run" / "checkpoints"))
     params = jax.tree.map(np.asarray, randomize(init_params(cfg), seed=2, scale=2.0))
-    mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params, "step": np.int32(3)})))
-    mngr.wait_until_finished()
-    mngr.close()
+    training_workdir(d / "run", cfg, params, d / "text.txt")
     for group, lines in {"a": QUESTIONS, "b": QUESTIONS[::-1] * 2}.items():
         (d / "data" / "toy" / group).mkdir(parents=True)
         (d / "data" / "toy" / group / "x.jsonl").write_text("\n".join(

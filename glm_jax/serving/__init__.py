@@ -1,0 +1,1 @@
+"""Serving: continuous batching over KV-cache slots, and the HTTP server."""

@@ -1,0 +1,92 @@
+"""Continuous batching: requests of mixed lengths and budgets, more than there are slots,
+each get exactly the tokens they get alone; a later short request overtakes a long one;
+cancelled requests free their slots; a full queue refuses."""
+
+import numpy as np
+import pytest
+
+from inference.inference_fixtures import random_params
+from glm_jax.inference.decode import Generator
+from glm_jax.inference.sampling import Sampling
+from glm_jax.serving.engine import Engine, QueueFull, Request
+from helpers import variant
+
+
+@pytest.fixture(scope="module")
+def generator():
+    cfg = variant("chatglm-6b")
+    return Generator(cfg, random_params(cfg))
+
+
+def _prompt(cfg, n, seed):
+    rng = np.random.default_rng(seed)
+    return [int(t) for t in rng.integers(1, 99, n)] + [cfg.gmask_token_id, cfg.sop_token_id]
+
+
+def _alone(gen, prompt, n):
+    row = gen.generate([prompt], n)[0, -n:].tolist()
+    out = []
+    for t in row:
+        if t in gen.stop_tokens:
+            return out, "stop"
+        out.append(t)
+    return out, "length"
+
+
+def _run(engine, requests, limit=500):
+    for _ in range(limit):
+        if all(r.finish_reason for r in requests):
+            return
+        engine.step()
+    raise AssertionError("requests did not finish")
+
+
+def test_every_request_gets_what_it_gets_alone(generator):
+    cfg = generator.cfg
+    engine = Engine(generator, slots=3, chunk=4, bucket=8)
+    specs = [(3, 9), (11, 4), (6, 1), (20, 12), (2, 7), (14, 3), (9, 10)]  # (prompt tokens, max_tokens)
+    requests, streamed = [], {}
+    for i, (n, budget) in enumerate(specs):
+        r = Request(_prompt(cfg, n, i), budget)
+        streamed[id(r)] = []
+        r.on_tokens = lambda ids, finish, key=id(r): streamed[key].extend(ids)
+        requests.append(engine.submit(r))
+    _run(engine, requests)
+    for r, (n, budget) in zip(requests, specs):
+        want, reason = _alone(generator, list(r.prompt), budget)
+        assert r.tokens == want and r.finish_reason == reason
+        assert streamed[id(r)] == want  # what the stream handed out, chunk by chunk
+    assert engine.active == 0 and engine.queued == 0
+
+
+def test_a_later_short_request_finishes_first(generator):
+    cfg = generator.cfg
+    engine = Engine(generator, slots=2, chunk=2, bucket=8, stop_tokens=())  # budgets decide the ends
+    order = []
+    long = Request(_prompt(cfg, 5, 1), 30, on_tokens=lambda ids, finish: finish and order.append("long"))
+    engine.submit(long)
+    engine.step()
+    engine.step()
+    assert long.finish_reason is None and len(long.tokens) >= 3
+    short = Request(_prompt(cfg, 4, 2), 2, on_tokens=lambda ids, finish: finish and order.append("short"))
+    engine.submit(short)
+    _run(engine, [long, short])
+    assert order == ["short", "long"] and len(long.tokens) == 30 and len(short.tokens) == 2
+
+
+def test_cancelled_requests_free_their_slots(generator):
+    cfg = generator.cfg
+    engine = Engine(generator, slots=1, chunk=2, bucket=8, max_queue=2, stop_tokens=())  # only budgets end answers
+    a = engine.submit(Request(_prompt(cfg, 5, 3), 40, sampling=Sampling(greedy=False, seed=1)))
+    b = engine.submit(Request(_prompt(cfg, 6, 4), 3))
+    with pytest.raises(QueueFull, match="2 requests are waiting"):
+        engine.submit(Request(_prompt(cfg, 6, 5), 3))
+    engine.step()
+    assert engine.active == 1 and a.tokens
+    engine.cancel(a)
+    _run(engine, [a, b])
+    assert a.finish_reason == "cancelled" and len(a.tokens) < 40
+    assert b.finish_reason == "length" and b.tokens == generator.generate([b.prompt], 3, stop_tokens=())[0, -3:].tolist()
+    c = engine.submit(Request(_prompt(cfg, 6, 6), 3))
+    engine.cancel(c)  # cancelled while waiting: never takes a slot
+    assert not engine.step() and c.finish_reason == "cancelled" and engine.active == 0
