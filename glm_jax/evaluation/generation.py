@@ -17,8 +17,8 @@ so does this one (``penalty_length``).
 
 **LAMBADA** (a task whose ``module`` is the authors' ``tasks.lambada.task.LAMBADA``):
 the beam search may not produce a punctuation token at any step, nor start with a
-punctuation mark's tokens (and, with GLM-130B's 150528-token vocabulary, its three
-quote-like ids). The answer is the first word of the first hypothesis whose second word
+punctuation mark's tokens (``lambada_bans``; with GLM-130B's 150528-token vocabulary also
+the authors' three hard-coded ids). The answer is the first word of the first hypothesis whose second word
 is punctuation (the authors test ``words[1] in string.punctuation``, a substring test), or
 else of the best one; it is right when it equals the target once both are stripped.
 """
@@ -63,15 +63,25 @@ def penalty_length(prompt_ids: Sequence[int]) -> int:
 
 
 def lambada_bans(cfg: ModelConfig, encode: Callable[[str], Sequence[int]]) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
-    """(banned tokens, banned prefixes) of the LAMBADA task for this vocabulary."""
+    """(banned tokens, banned prefixes) of the LAMBADA task for this vocabulary.
+
+    Each punctuation mark is tokenized as the authors do (``encode(mark)``) and also as it
+    follows a word (``encode("a" + mark)`` less ``encode("a")``): a SentencePiece vocabulary
+    spells a mark at the start of a text with its word-boundary piece and after a word
+    without it, and a model generates the bare form; both are banned."""
     banned = list(GLM_130B_LAMBADA_BANNED) if cfg.vocab_size == GLM_130B_VOCAB else []
     prefixes = list(GLM_130B_LAMBADA_PREFIXES) if cfg.vocab_size == GLM_130B_VOCAB else []
+    word = tuple(int(t) for t in encode("a"))
     for mark in string.punctuation:
-        ids = tuple(int(t) for t in encode(mark))
-        if len(ids) == 1:
-            banned.append(ids[0])
-        if ids:
-            prefixes.append(ids)
+        forms = [tuple(int(t) for t in encode(mark))]
+        joined = tuple(int(t) for t in encode("a" + mark))
+        if joined[: len(word)] == word and len(joined) > len(word):
+            forms.append(joined[len(word):])
+        for ids in forms:
+            if len(ids) == 1:
+                banned.append(ids[0])
+            if ids:
+                prefixes.append(ids)
     return tuple(dict.fromkeys(banned)), tuple(dict.fromkeys(prefixes))
 
 

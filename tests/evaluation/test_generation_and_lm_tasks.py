@@ -118,10 +118,19 @@ def test_lambada_takes_the_first_word_before_punctuation(hypotheses, answer):
 
 
 def test_lambada_bans_every_punctuation_mark():
+    """Each mark as the authors tokenize it alone, and as it follows a word (a SentencePiece
+    vocabulary spells the two differently: ``▁.`` or ``▁ .`` at the start, ``.`` after a word)."""
     cfg = variant("glm-130b")
-    banned, prefixes = generation.lambada_bans(cfg, lambda s: [50 + string.punctuation.index(s)] if s != "'" else [7, 8])
-    assert len(prefixes) == 32 and (7, 8) in prefixes  # a mark of two tokens: a banned start
-    assert len(banned) == 31 and 7 not in banned and 8 not in banned  # a mark of one token: banned everywhere
+
+    def encode(text):  # a toy SentencePiece: "a" is [20]; a mark alone is [9 (the boundary), mark]
+        ids = [20] if text.startswith("a") else [9]
+        for ch in text.lstrip("a"):
+            ids.append(50 + string.punctuation.index(ch) if ch != "'" else 7)
+        return ids
+
+    banned, prefixes = generation.lambada_bans(cfg, encode)
+    assert len(prefixes) == 64 and (9, 50) in prefixes and (50,) in prefixes  # "!" at the start, "!" after a word
+    assert set(banned) == {50 + i for i in range(32) if string.punctuation[i] != "'"} | {7}
 
 
 # -- the CLI, on the shared workdir ----------------------------------------------------------
