@@ -23,6 +23,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from glm_jax.checkpoint.compiled_step import source_digest
 from glm_jax.cli import run_main
 from glm_jax.convert import lora_adapter, ptuning
 from glm_jax.evaluation import runner
@@ -56,7 +57,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     evaluator = Evaluator(model.config, model.params, text.encode, text.decode, batch_rows=args.batch_rows,
                           generator=model.generator, mesh=model.mesh)
     identity = {"checkpoint": os.path.abspath(args.checkpoint), "quantize": args.quantize, "dtype": args.dtype,
-                "ptuning": args.ptuning_checkpoint, "lora": args.lora_adapter, "vocab": args.vocab}
+                "ptuning": args.ptuning_checkpoint, "lora": args.lora_adapter, "vocab": args.vocab,
+                # The code too: results cached before a fix must not be served after it.
+                "code": source_digest()[:16]}
     for task in tasks:
         result = runner.run_task(task, args.data, evaluator, model_identity=identity,
                                  results=args.results)

@@ -2,7 +2,8 @@
 
 Results of each file go to ``RESULTS/<task name>/<fingerprint>/<file>.result.json`` as
 soon as the file is done (with the predictions and every choice's score); the fingerprint
-covers the task file and the model (checkpoint, quantization, dtype, prefix, adapter), so
+covers the task file and the model identity the caller passes (``eval.py``: checkpoint,
+quantization, dtype, prefix, adapter, vocabulary and glm_jax's source digest), so
 one results directory holds float, INT8 and INT4 runs side by side, and a rerun of the
 same model reads its results back instead of evaluating again: an interrupted evaluation
 resumes at the file it was on.
