@@ -68,10 +68,9 @@ def examples(cfg: Config, split: str = "train", *, process_index: int = 0, proce
 
 
 EXAMPLE_BLOCK = 256  # examples per TensorFlow -> Python hand-over
-# Blocks made ahead of the trainer. A fixed number: tf.data's AUTOTUNE buffer (autotune is
-# off, example_options) grows each time the consumer finds it empty, so on a loaded host
-# the reader's memory grew with the contention (4.1 GB for the adversarial corpus, where
-# 1.3 GB is the norm).
+# Blocks made ahead of the trainer: a fixed number, so the reader's memory has a fixed
+# bound (with autotune off, example_options, tf.data's AUTOTUNE buffer grows each time the
+# consumer finds it empty).
 PREFETCH_BLOCKS = 2
 
 
