@@ -21,8 +21,6 @@ must equal.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
 from glm_jax.config import ModelConfig
