@@ -32,6 +32,7 @@ from glm_jax.config import ModelConfig
 from glm_jax.evaluation import metrics
 from glm_jax.evaluation.samples import GenerationSample
 from glm_jax.evaluation.task_config import TaskConfig, TaskError
+from glm_jax.inference.text import until_stop
 
 LAMBADA_MODULE = "tasks.lambada.task.LAMBADA"
 GLM_130B_VOCAB = 150528
@@ -124,13 +125,7 @@ class Decoder:
             full = part + [part[-1]] * (self.per_call - len(part))  # a fixed batch: one program per length
             if self.beams is None:
                 rows = self.generator.generate(full, n_new, bucket=TILE)[:, -n_new:]
-                for row in rows[: len(part)]:
-                    ids = []
-                    for t in row.tolist():
-                        if t in stops:
-                            break
-                        ids.append(int(t))
-                    out.append([ids])
+                out.extend([until_stop(row, stops)] for row in rows[: len(part)])
             else:
                 hyps = self.generator.beam_search(full, n_new, self.beams, bucket=TILE,
                                                   context_lengths=[penalty_length(p) for p in full])

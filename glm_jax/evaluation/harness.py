@@ -47,6 +47,7 @@ from glm_jax.evaluation import language_model, multiple_choice
 from glm_jax.evaluation.samples import ChoiceSample, Document
 from glm_jax.inference import cli
 from glm_jax.inference.sampling import Sampling
+from glm_jax.inference.text import until_stop
 
 MASKS = ("MASK", "gMASK")
 
@@ -148,12 +149,7 @@ class GLMJaxLM(LM):
                 part = items[at: at + self.batch_rows]
                 rows = self.model.generate([p for _, p in part], n, sampling, bucket=32)[:, -n:]
                 for (i, _), ids in zip(part, rows):
-                    new = []
-                    for t in ids.tolist():
-                        if t in stops:
-                            break
-                        new.append(int(t))
-                    answer = self.text.decode(new)
+                    answer = self.text.decode(until_stop(ids, stops))
                     cut = [answer.find(u) for u in until if u and u in answer]
                     out[i] = answer[: min(cut)] if cut else answer
                     self.cache_hook.add_partial("generate_until", requests[i].args, out[i])

@@ -111,8 +111,14 @@ class RowSampling:
 
 def choose_rows(logits: jax.Array, s: RowSampling, step: jax.Array) -> jax.Array:
     """The next token ``[b]`` of each row by its own settings (the rules of :func:`warp`,
-    no repetition penalty); a sampled row's key is ``fold_in(key(seed), step)``."""
+    no repetition penalty); a sampled row's key is ``fold_in(key(seed), step)``. When every
+    row is greedy, only the argmax runs (no sort over the vocabulary)."""
     logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.lax.cond(jnp.all(s.greedy), lambda: greedy, lambda: _sample_rows(logits, greedy, s, step))
+
+
+def _sample_rows(logits: jax.Array, greedy: jax.Array, s: RowSampling, step: jax.Array) -> jax.Array:
     vocab = logits.shape[-1]
     x = logits / s.temperature[:, None]
     ranked = -jnp.sort(-x, axis=-1)
@@ -126,4 +132,4 @@ def choose_rows(logits: jax.Array, s: RowSampling, step: jax.Array) -> jax.Array
     x = jnp.where(x < cutoff, -jnp.inf, x)
     keys = jax.vmap(lambda seed, t: jax.random.fold_in(jax.random.key(seed), t))(s.seed, step)
     sampled = jax.vmap(jax.random.categorical)(keys, x)
-    return jnp.where(s.greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    return jnp.where(s.greedy, greedy, sampled.astype(jnp.int32))
