@@ -110,11 +110,10 @@ class Engine:
         first = choose_rows(logits, sampling, jnp.full((1,), tokens.shape[1], jnp.int32))
         return first, cache
 
-    @staticmethod
-    def _insert_one(state: Slots, slot, cache, tokens, positions, first, start, limit, sampling, stops) -> Slots:
+    def _insert_one(self, state: Slots, slot, cache, tokens, positions, first, start, limit, sampling, stops) -> Slots:
         length = tokens.shape[1]
         put = lambda big, small: lax.dynamic_update_slice(big, small.astype(big.dtype), (slot,) + (0,) * (big.ndim - 1))  # noqa: E731
-        row = jnp.full((1, state.tokens.shape[1]), 0, jnp.int32).at[:, :length].set(tokens).at[:, length].set(first)
+        row = jnp.full((1, state.tokens.shape[1]), self.cfg.pad_token_id, jnp.int32).at[:, :length].set(tokens).at[:, length].set(first)
         done = jnp.isin(first, stops) | (limit <= length + 1)
         return state.replace(
             tokens=put(state.tokens, row),

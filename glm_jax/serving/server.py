@@ -245,7 +245,6 @@ def create_app(engine: Engine, text, *, model_name: str = "glm_jax", default_max
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         stops = stops_of(body)
         base = {"id": rid, "created": int(time.time()), "model": body.model or model_name}
-        engine.check(prompt_ids, n)
         counted: list = []
         stream = generate(prompt_ids, n, s, http, stops, counted)
         if not body.stream:
