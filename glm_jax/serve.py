@@ -28,6 +28,9 @@ def parse_args(argv):
     g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     g.add_argument("--max-batch", type=int, default=8, help="KV-cache slots decoded together (default 8)")
     g.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
+    g.add_argument("--max-len", type=int, default=None,
+                   help="tokens a slot holds, prompt and answer together (default: the model's max_seq_len); "
+                        "the KV cache is max-batch x max-len tokens")
     g.add_argument("--chunk", type=int, default=8, help="tokens per compiled decoding call (default 8)")
     g.add_argument("--bucket", type=int, default=32, help="prompts are padded to a multiple of this (default 32)")
     g.add_argument("--max-tokens", type=int, default=256, help="answer budget when a request names none (default 256)")
@@ -52,10 +55,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from glm_jax.serving.server import create_app
 
     engine = Engine(model.generator, slots=args.max_batch, chunk=args.chunk, bucket=args.bucket,
-                    max_queue=args.max_queue).start()
+                    max_queue=args.max_queue, max_len=args.max_len)
+    engine.warm(log=lambda line: print(f"glm_jax.serve: {line}", file=sys.stderr, flush=True)).start()
     name = args.model_name or model.config.name
     app = create_app(engine, text, model_name=name, default_max_tokens=args.max_tokens)
-    print(f"glm_jax.serve: {name} on http://{args.host}:{args.port} ({args.max_batch} slots)", file=sys.stderr, flush=True)
+    print(f"glm_jax.serve: {name} on http://{args.host}:{args.port} ({args.max_batch} slots of {engine.length} tokens)",
+          file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:

@@ -1,4 +1,4 @@
-"""``python -m glm_jax.bench {data,train,finetune,convert,attention,decode,quantize} [--json] ...``: benchmarks that print JSON."""
+"""``python -m glm_jax.bench {data,train,finetune,convert,attention,decode,quantize,serve} [--json] ...``: benchmarks that print JSON."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 from glm_jax import cli
 
-BENCHES = ("data", "train", "finetune", "convert", "attention", "decode", "quantize")
+BENCHES = ("data", "train", "finetune", "convert", "attention", "decode", "quantize", "serve")
 
 
 def main(argv=None) -> int:

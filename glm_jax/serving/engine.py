@@ -1,6 +1,7 @@
 """Continuous batching: requests join and leave a running batch of KV-cache slots.
 
-The device holds ``slots`` rows of ``model.max_seq_len`` cache slots each. One engine
+The device holds ``slots`` rows of ``max_len`` cache slots each (prompt and answer; by
+default the model's ``max_seq_len``). One engine
 thread repeats:
 
 1. **Admit**: while a slot is free and a request waits, prefill the request alone (its
@@ -8,7 +9,10 @@ thread repeats:
    lengths share one compiled program), choose its first token, and copy its cache rows,
    tokens and positions into the free slot.
 2. **Decode a chunk**: one compiled ``lax.while_loop`` advances every active slot up to
-   ``chunk`` tokens. Each row writes and attends at its own slot (``KVCache.index`` per
+   ``chunk`` tokens (fewer when a request waits and a slot frees: it is admitted at once).
+   Active requests always hold the lowest slots (a finished request's slot takes the last
+   active row), so the chunk runs on the first ``rows`` slots only, ``rows`` the active
+   count rounded up to a power of two: a half-empty server does half the work per token. Each row writes and attends at its own slot (``KVCache.index`` per
    row) and samples by its own settings (``sampling.RowSampling``); a row stops at a stop
    token or its token budget and then idles until freed.
 3. **Hand out** each slot's new tokens to its request; a finished or cancelled request
@@ -73,15 +77,20 @@ class Slots:
 
 class Engine:
     def __init__(self, generator: Generator, *, slots: int = 8, chunk: int = 8, bucket: int = 32,
-                 max_queue: int = 64, stop_tokens: Optional[Sequence[int]] = None):
+                 max_queue: int = 64, max_len: Optional[int] = None, stop_tokens: Optional[Sequence[int]] = None):
         if slots < 1 or chunk < 1 or bucket < 1 or max_queue < 0:
             raise ConfigError(f"slots, chunk and bucket must be >= 1 and max_queue >= 0; got {slots}, {chunk}, "
                               f"{bucket}, {max_queue}")
+        model_len = generator.cfg.max_seq_len
+        if max_len is not None and not 2 <= max_len <= model_len:
+            raise ConfigError(f"max_len={max_len}: a slot holds 2 to {model_len} tokens (the model's max_seq_len)")
         if generator.mesh is not None:
             raise ConfigError("continuous batching runs on one device for now (no --model-parallel)")
-        self.gen, self.cfg = generator, generator.cfg
+        self.gen = generator
+        self.length = max_len or model_len
+        # Prompts are laid out and checked against the slot length, not the model's.
+        self.cfg = dataclasses.replace(generator.cfg, max_seq_len=self.length)
         self.n_slots, self.chunk, self.bucket, self.max_queue = slots, chunk, bucket, max_queue
-        self.length = self.cfg.max_seq_len
         self.stops = tuple(generator.stop_tokens if stop_tokens is None else stop_tokens)
         self._stops = jnp.asarray(self.stops, jnp.int32)
         self._queue: collections.deque = collections.deque()
@@ -91,10 +100,13 @@ class Engine:
         self._stopping = False
         self._prefill: dict = {}
         self._insert: dict = {}
-        self._decode = jax.jit(self._decode_chunk, donate_argnums=(1,), static_argnums=(3,))
+        self._decode = jax.jit(self._decode_chunk, donate_argnums=(1,), static_argnums=(4, 5))
         self._release = jax.jit(lambda state, slot: state.replace(done=state.done.at[slot].set(True)), donate_argnums=(0,))
+        self._move = jax.jit(self._move_row, donate_argnums=(0,))
         self.state = self._empty()
         self.error: Optional[BaseException] = None
+        # Where the engine thread's time goes (read by benchmarks and /health).
+        self.stats = {"prefills": 0, "prefill_s": 0.0, "chunks": 0, "steps": 0, "decoded": 0, "decode_s": 0.0}
 
     # -- device programs -------------------------------------------------------------------
     def _empty(self) -> Slots:
@@ -126,12 +138,22 @@ class Engine:
             sampling=jax.tree.map(put, state.sampling, sampling),
         )
 
-    def _decode_chunk(self, params, state: Slots, stops, steps: int):
-        t0 = state.t
+    @staticmethod
+    def _move_row(state: Slots, src, dst) -> Slots:
+        """Row ``src`` copied to ``dst`` (keys, values, tokens, positions, sampling); ``src`` is freed."""
+        moved = jax.tree.map(lambda x: x.at[dst].set(x[src]), state)
+        return moved.replace(done=moved.done.at[src].set(True))
+
+    def _decode_chunk(self, params, full: Slots, stops, refill, steps: int, rows: int):
+        # Only the first ``rows`` slots (all the active ones) decode: sliced out, then written back.
+        state = full if rows == self.n_slots else jax.tree.map(lambda x: x[:rows], full)
+        t0, done0 = state.t, state.done
 
         def running(carry):
             st, i = carry
-            return (i < steps) & ~jnp.all(st.done)
+            # With requests waiting (``refill``), the chunk ends as soon as a slot frees.
+            freed = refill & jnp.any(st.done & ~done0)
+            return (i < steps) & ~jnp.all(st.done) & ~freed
 
         def step(carry):
             st, i = carry
@@ -151,7 +173,10 @@ class Engine:
 
         state, _ = lax.while_loop(running, step, (state, jnp.zeros((), jnp.int32)))
         idx = jnp.minimum(t0[:, None] + jnp.arange(steps)[None, :], state.tokens.shape[1] - 1)
-        return state, jnp.take_along_axis(state.tokens, idx, axis=1), state.t - t0
+        new, counts = jnp.take_along_axis(state.tokens, idx, axis=1), state.t - t0
+        if rows < self.n_slots:
+            state = jax.tree.map(lambda big, small: lax.dynamic_update_slice_in_dim(big, small, 0, 0), full, state)
+        return state, new, counts
 
     # -- host side ---------------------------------------------------------------------------
     def check(self, prompt: Sequence[int], max_tokens: int) -> None:
@@ -182,77 +207,123 @@ class Engine:
     def queued(self) -> int:
         return len(self._queue)
 
-    def _finish(self, slot: Optional[int], request: Request, reason: str, new=()) -> None:
+    def _finish(self, request: Request, reason: str, new=()) -> None:
+        """End ``request``; if it held a slot, the last active row moves into that slot, so
+        the active requests keep the lowest slots."""
         request.finish_reason = reason
+        slot = next((s for s, r in self._active.items() if r is request), None)
         if slot is not None:
-            self._active.pop(slot, None)
-            if reason == "cancelled":  # the row stops decoding now, not at its budget
-                self.state = self._release(self.state, np.int32(slot))
+            last = len(self._active) - 1
+            if slot != last:
+                self.state = self._move(self.state, np.int32(last), np.int32(slot))
+                self._active[slot] = self._active.pop(last)
+            else:
+                del self._active[slot]
+                if reason == "cancelled":  # the row stops decoding now, not at its budget
+                    self.state = self._release(self.state, np.int32(slot))
         request.on_tokens(list(new), reason)
 
     def _admit(self) -> None:
         while True:
             with self._lock:
                 while self._queue and self._queue[0]._cancelled:
-                    self._finish(None, self._queue.popleft(), "cancelled")
-                free = [s for s in range(self.n_slots) if s not in self._active]
-                if not free or not self._queue:
+                    self._finish(self._queue.popleft(), "cancelled")
+                if len(self._active) == self.n_slots or not self._queue:
                     return
                 request = self._queue.popleft()
-                slot = free[0]
+                slot = len(self._active)  # the active requests hold slots 0 .. slot - 1
                 self._active[slot] = request
             self._place(slot, request)
 
     def _place(self, slot: int, request: Request) -> None:
         batch = layout_batch([list(request.prompt)], self.cfg, request.max_tokens, self.bucket)
         length = batch.tokens.shape[1]
-        key = (length, batch.segment_ids is None)
-        if key not in self._prefill:
-            self._prefill[key] = jax.jit(self._prefill_one)
-            self._insert[key] = jax.jit(self._insert_one, donate_argnums=(0,))
+        prefix_len, segment_ids = batch.prefix_len, batch.segment_ids
+        if segment_ids is None:  # a prompt that fills its bucket: the padded form, so one program per bucket
+            prefix_len, segment_ids = prefix_len[:, None], np.ones_like(batch.tokens)
+        if length not in self._prefill:
+            self._prefill[length] = jax.jit(self._prefill_one)
+            self._insert[length] = jax.jit(self._insert_one, donate_argnums=(0,))
         sampling = jax.tree.map(jnp.asarray, RowSampling.of([request.sampling]))
         positions = np.zeros(batch.positions.shape[:-1] + (self.length,), np.int32)
         positions[..., : batch.positions.shape[-1]] = batch.positions
-        first, cache = self._prefill[key](self.gen.params, batch.tokens, positions[..., :length], batch.prefix_len,
-                                          batch.segment_ids, batch.start, sampling)
+        began = time.perf_counter()
+        first, cache = self._prefill[length](self.gen.params, batch.tokens, positions[..., :length], prefix_len,
+                                             segment_ids, batch.start, sampling)
         limit = np.asarray([length + request.max_tokens], np.int32)
-        self.state = self._insert[key](self.state, np.int32(slot), cache, batch.tokens, positions, first,
+        self.state = self._insert[length](self.state, np.int32(slot), cache, batch.tokens, positions, first,
                                        batch.start, limit, sampling, self._stops)
         token = int(first[0])
         request.first_token_at = time.perf_counter()
-        self._hand_out(slot, request, [token])
+        self.stats["prefills"] += 1
+        self.stats["prefill_s"] += request.first_token_at - began
+        self._hand_out(request, [token])
 
-    def _hand_out(self, slot: int, request: Request, new: list) -> None:
+    def _hand_out(self, request: Request, new: list) -> None:
         """Give ``new`` tokens to the request; finish it at a stop token or its budget."""
         for i, token in enumerate(new):
             if token in self.stops:
                 request.tokens.extend(new[:i])
-                self._finish(slot, request, "stop", new[:i])
+                self._finish(request, "stop", new[:i])
                 return
         request.tokens.extend(new)
         if len(request.tokens) >= request.max_tokens:
-            self._finish(slot, request, "length", new)
+            self._finish(request, "length", new)
         else:
             request.on_tokens(list(new), None)
 
     def step(self) -> bool:
         """Admit what fits, decode one chunk, hand out its tokens; False when idle."""
         with self._lock:
-            for slot, request in list(self._active.items()):
+            for request in list(self._active.values()):
                 if request._cancelled:
-                    self._finish(slot, request, "cancelled")
+                    self._finish(request, "cancelled")
         self._admit()
         if not self._active:
             return False
-        self.state, new, counts = self._decode(self.gen.params, self.state, self._stops, self.chunk)
-        new, counts = np.asarray(new), np.asarray(counts)
         with self._lock:
+            refill = bool(self._queue)
+        rows = min(self.n_slots, 1 << (len(self._active) - 1).bit_length())
+        began = time.perf_counter()
+        self.state, new, counts = self._decode(self.gen.params, self.state, self._stops, np.bool_(refill), self.chunk,
+                                               rows)
+        new, counts = np.asarray(new), np.asarray(counts)
+        self.stats["chunks"] += 1
+        self.stats["steps"] += int(counts.max())
+        self.stats["decoded"] += int(counts.sum())
+        self.stats["decode_s"] += time.perf_counter() - began
+        with self._lock:
+            # Slots as they were in the chunk (finishing moves rows: look them up first).
             for slot, request in list(self._active.items()):
                 if request._cancelled:
-                    self._finish(slot, request, "cancelled")
+                    self._finish(request, "cancelled")
                 elif counts[slot]:
-                    self._hand_out(slot, request, new[slot, : counts[slot]].tolist())
+                    self._hand_out(request, new[slot, : counts[slot]].tolist())
         return True
+
+    def row_counts(self) -> list[int]:
+        """The row counts a decoding chunk is compiled for: powers of two below the slots, and the slots."""
+        return sorted({min(self.n_slots, 1 << i) for i in range(self.n_slots.bit_length() + 1)})
+
+    def warm(self, prompt_lengths: Sequence[int] = (), log: Callable[[str], None] = lambda line: None) -> "Engine":
+        """Compile before serving (call before :meth:`start`): the decoding chunk for every row
+        count, and the prefill of prompts of these lengths (one per ``bucket`` multiple)."""
+        if self._thread is not None:
+            raise RuntimeError("warm() runs before start()")
+        for rows in self.row_counts():
+            log(f"compiling the decoding chunk for {rows} slot(s)")
+            self.state, *_ = self._decode(self.gen.params, self.state, self._stops, np.bool_(False), self.chunk, rows)
+        cfg = self.cfg
+        for length in sorted({-(-n // self.bucket) * self.bucket for n in prompt_lengths}):
+            n = min(length, self.length - 1)
+            log(f"compiling the prefill of {n}-token prompts")
+            filler = next(i for i in range(5, cfg.vocab_size) if i not in (cfg.mask_token_id, cfg.gmask_token_id,
+                                                                             cfg.smask_token_id, cfg.sop_token_id))
+            request = Request([filler] * (n - 2) + [cfg.gmask_token_id, cfg.sop_token_id], 1)
+            self._active[0] = request
+            self._place(0, request)  # one token: finished (and its slot freed) by its prefill
+        jax.block_until_ready(self.state)
+        return self
 
     # -- the engine thread -------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -269,11 +340,13 @@ class Engine:
                             self._lock.wait(timeout=0.5)
         except BaseException as e:  # noqa: BLE001 - reported to every waiting request
             self.error = e
-            with self._lock:
-                for slot, request in list(self._active.items()):
-                    self._finish(slot, request, "error")
-                while self._queue:
-                    self._finish(None, self._queue.popleft(), "error")
+            with self._lock:  # no device work here: the device may be what failed
+                failed = list(self._active.values()) + list(self._queue)
+                self._active.clear()
+                self._queue.clear()
+                for request in failed:
+                    request.finish_reason = "error"
+                    request.on_tokens([], "error")
             raise
 
     def stop(self) -> None:

@@ -1,7 +1,9 @@
 """The chat page served at ``/``: one static HTML document, no build step. It streams each
 answer from ``/v1/chat/completions`` (server-sent events read from ``fetch``), keeps the
 rounds as the ``messages`` history of the next question, and a Stop button aborts the
-request (the server then cancels it and frees its slot)."""
+request (the server then cancels it and frees its slot). Temperature and top-p start at
+the authors' web demo's 0.95 and 0.7 (temperature 0 is greedy); an empty "max tokens"
+leaves the budget to the server. A failed request leaves the history as it was."""
 
 HTML = """<!doctype html>
 <html lang="en">
@@ -17,6 +19,9 @@ HTML = """<!doctype html>
   form { display: flex; gap: .5rem; margin-top: 1rem; }
   #question { flex: 1; padding: .5rem; }
   button { padding: .5rem 1rem; }
+  #settings { display: flex; gap: 1rem; margin-top: .5rem; font-size: .9rem; color: #444; }
+  #settings input { width: 5rem; }
+  .error { color: #a00; }
 </style>
 </head>
 <body>
@@ -28,6 +33,11 @@ HTML = """<!doctype html>
   <button id="stop" type="button" disabled>Stop</button>
   <button id="clear" type="button">Clear</button>
 </form>
+<div id="settings">
+  <label>temperature <input id="temperature" type="number" min="0" max="2" step="0.05" value="0.95"></label>
+  <label>top-p <input id="top_p" type="number" min="0.01" max="1" step="0.05" value="0.7"></label>
+  <label>max tokens <input id="max_tokens" type="number" min="1" step="1" placeholder="server"></label>
+</div>
 <script>
 const log = document.getElementById("log"), question = document.getElementById("question");
 const send = document.getElementById("send"), stop = document.getElementById("stop");
@@ -41,21 +51,31 @@ function line(cls, text) {
   return div;
 }
 
+function settings() {
+  const body = {temperature: Number(document.getElementById("temperature").value),
+                top_p: Number(document.getElementById("top_p").value)};
+  const budget = document.getElementById("max_tokens").value;
+  if (budget) body.max_tokens = Number(budget);
+  return body;
+}
+
 async function ask(text) {
-  messages.push({role: "user", content: text});
+  const asked = messages.concat([{role: "user", content: text}]);
   line("user", "You: " + text);
   const out = line("assistant", "");
   controller = new AbortController();
   send.disabled = true; stop.disabled = false;
-  let answer = "";
+  let answer = "", failed = false;
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: {"Content-Type": "application/json"}, signal: controller.signal,
-      body: JSON.stringify({messages: messages, stream: true, max_tokens: 256, temperature: 0})});
+      body: JSON.stringify({messages: asked, stream: true, ...settings()})});
     if (!response.ok) {
-      const err = await response.json();
-      out.textContent = "error: " + err.error.message;
-      messages.pop();
+      let message = response.status + " " + response.statusText;
+      try { message = (await response.json()).error.message; } catch (e) {}
+      out.textContent = "error: " + message;
+      out.className = "assistant error";
+      failed = true;
       return;
     }
     const reader = response.body.getReader(), decoder = new TextDecoder();
@@ -75,9 +95,9 @@ async function ask(text) {
       }
     }
   } catch (e) {
-    if (e.name !== "AbortError") out.textContent = answer + " [error: " + e + "]";
+    if (e.name !== "AbortError") { out.textContent = answer + " [error: " + e + "]"; failed = true; }
   } finally {
-    messages.push({role: "assistant", content: answer});
+    if (!failed) messages = asked.concat([{role: "assistant", content: answer}]);
     out.dataset.done = "true";
     controller = null; send.disabled = false; stop.disabled = true;
   }

@@ -6,9 +6,12 @@
   multi-round format (``glm_jax.data.chat.chat_prompt``: earlier user/assistant pairs as
   history, a system message prefixed to the first question), or for other models the
   messages' text joined by newlines and continued.
-* ``/v1/completions``: ``prompt`` continued (``text [gMASK] <sop>``).
+* ``/v1/completions``: ``prompt`` continued (``text [gMASK] <sop>``); a list of token ids
+  is taken as the text's encoding and gets the same ending.
 * Parameters: ``max_tokens``, ``temperature`` (0: greedy), ``top_p``, ``stop`` (strings; the
-  answer is cut before the first and the request stops), ``n`` (1 only), ``seed``.
+  answer is cut before the first and the request stops), ``n`` (1 only), ``seed``; with
+  ``stream: true``, ``stream_options: {"include_usage": true}`` adds OpenAI's last chunk
+  with the token counts.
 * ``POST /``: ``{prompt, history, max_length, top_p, temperature}`` ->
   ``{response, history, status, time}`` as the authors' ``api.py`` answers
   (``max_length`` counts the prompt's tokens too, as their ``chat()`` does).
@@ -43,6 +46,10 @@ class Message(BaseModel):
     content: str
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class _Common(BaseModel):
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(default=None, ge=1)
@@ -52,6 +59,7 @@ class _Common(BaseModel):
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = None
     stream: bool = False
+    stream_options: Optional[StreamOptions] = None
 
 
 class ChatBody(_Common):
@@ -59,7 +67,7 @@ class ChatBody(_Common):
 
 
 class CompletionBody(_Common):
-    prompt: str
+    prompt: Union[str, list[int]]
 
 
 class AuthorsBody(BaseModel):
@@ -158,16 +166,16 @@ def create_app(engine: Engine, text, *, model_name: str = "glm_jax", default_max
             return Sampling(seed=seed)
         return Sampling(greedy=False, temperature=body.temperature, top_p=body.top_p, seed=seed)
 
-    def budget(prompt_ids: list[int], asked: Optional[int]) -> int:
-        room = cfg.max_seq_len - len(prompt_ids)
+    def budget(prompt_ids: list[int], asked: Optional[int], param: str) -> int:
+        room = engine.length - len(prompt_ids)
         if room < 1:
-            raise BadRequest(f"the prompt is {len(prompt_ids)} tokens; the model takes at most {cfg.max_seq_len - 1} "
-                             "with room for an answer", "messages")
+            raise BadRequest(f"the prompt is {len(prompt_ids)} tokens; this server takes at most {engine.length - 1} "
+                             "with room for an answer", param)
         if asked is None:
             return min(default_max_tokens, room)
         if asked > room:
             raise BadRequest(f"max_tokens={asked}, but the prompt of {len(prompt_ids)} tokens leaves room for "
-                             f"{room} (the model's maximum is {cfg.max_seq_len})", "max_tokens")
+                             f"{room} (prompt and answer share {engine.length} tokens)", "max_tokens")
         return asked
 
     def chat_ids(messages: list[Message]) -> list[int]:
@@ -236,30 +244,49 @@ def create_app(engine: Engine, text, *, model_name: str = "glm_jax", default_max
 
         return results()
 
+    def token_prompt(ids: list[int]) -> list[int]:
+        """A prompt given as token ids is the text's encoding: it gets what ``prompt_ids``
+        adds to encoded text (``[gMASK]`` unless it holds a mask, then ``<sop>``)."""
+        if not ids:
+            raise BadRequest("prompt is empty", "prompt")
+        bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
+        if bad:
+            raise BadRequest(f"prompt: token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})", "prompt")
+        masks = (cfg.mask_token_id, cfg.smask_token_id, cfg.gmask_token_id)
+        if not any(i in masks for i in ids):
+            ids = ids + [cfg.gmask_token_id]
+        elif ids[-1] not in masks:
+            ids = ids + [cfg.eos_token_id]
+        return ids + [cfg.sop_token_id]
+
     def stops_of(body) -> list[str]:
         return [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
 
     async def answer(http: HttpRequest, prompt_ids, body, kind: str):
         s = sampling(body)
-        n = budget(prompt_ids, body.max_tokens)
+        n = budget(prompt_ids, body.max_tokens, "messages" if kind == "chat" else "prompt")
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         stops = stops_of(body)
         base = {"id": rid, "created": int(time.time()), "model": body.model or model_name}
         counted: list = []
         stream = generate(prompt_ids, n, s, http, stops, counted)
+
+        def usage() -> dict:
+            count = counted[0] if counted else 0
+            return {"prompt_tokens": len(prompt_ids), "completion_tokens": count, "total_tokens": len(prompt_ids) + count}
+
         if not body.stream:
             parts, reason = [], "length"
             async for new, finish in stream:
                 parts.append(new)
                 reason = finish or reason
             content = "".join(parts)
-            count = counted[0] if counted else 0
-            usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": count, "total_tokens": len(prompt_ids) + count}
             if kind == "chat":
                 choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reason}
-                return {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+                return {**base, "object": "chat.completion", "choices": [choice], "usage": usage()}
             choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": reason}
-            return {**base, "object": "text_completion", "choices": [choice], "usage": usage}
+            return {**base, "object": "text_completion", "choices": [choice], "usage": usage()}
+        with_usage = body.stream_options is not None and body.stream_options.include_usage
 
         async def events():
             obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -271,7 +298,10 @@ def create_app(engine: Engine, text, *, model_name: str = "glm_jax", default_max
                     choice = {"index": 0, "delta": {"content": new} if new else {}, "finish_reason": finish}
                 else:
                     choice = {"index": 0, "text": new, "logprobs": None, "finish_reason": finish}
-                yield f"data: {json.dumps({**base, 'object': obj, 'choices': [choice]}, ensure_ascii=False)}\n\n"
+                extra = {"usage": None} if with_usage else {}
+                yield f"data: {json.dumps({**base, 'object': obj, 'choices': [choice], **extra}, ensure_ascii=False)}\n\n"
+            if with_usage:  # OpenAI's last chunk: no choices, the request's token counts
+                yield f"data: {json.dumps({**base, 'object': obj, 'choices': [], 'usage': usage()})}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -282,6 +312,8 @@ def create_app(engine: Engine, text, *, model_name: str = "glm_jax", default_max
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HttpRequest):
+        if isinstance(body.prompt, list):  # token ids: the text already encoded
+            return await answer(http, token_prompt(body.prompt), body, "completion")
         if not body.prompt.strip():
             raise BadRequest("prompt is empty", "prompt")
         return await answer(http, text.prompt_ids(body.prompt), body, "completion")
@@ -292,9 +324,9 @@ def create_app(engine: Engine, text, *, model_name: str = "glm_jax", default_max
         if any(len(h) != 2 for h in history):
             raise BadRequest("history must be a list of [query, response] pairs", "history")
         ids = text.prompt_ids(chat_prompt(history, body.prompt)) if chat_format else text.prompt_ids(body.prompt)
-        n = min(body.max_length or cfg.max_seq_len, cfg.max_seq_len) - len(ids)
+        n = min(body.max_length or engine.length, engine.length) - len(ids)
         if n < 1:
-            raise BadRequest(f"max_length={body.max_length or cfg.max_seq_len} leaves no room after the prompt's "
+            raise BadRequest(f"max_length={body.max_length or engine.length} leaves no room after the prompt's "
                              f"{len(ids)} tokens", "max_length")
         s = Sampling(greedy=False, temperature=body.temperature, top_p=body.top_p) if body.temperature > 0 else Sampling()
         parts = [new async for new, _ in generate(ids, n, s, http, [])]

@@ -90,3 +90,42 @@ def test_cancelled_requests_free_their_slots(generator):
     c = engine.submit(Request(_prompt(cfg, 6, 6), 3))
     engine.cancel(c)  # cancelled while waiting: never takes a slot
     assert not engine.step() and c.finish_reason == "cancelled" and engine.active == 0
+
+
+def test_a_freed_slot_is_refilled_within_the_chunk(generator):
+    """With a request waiting, a chunk ends when a slot frees: the waiting request starts
+    after the short one's 3 tokens, not after the chunk's 16 steps."""
+    cfg = generator.cfg
+    engine = Engine(generator, slots=2, chunk=16, bucket=8, stop_tokens=())
+    long = engine.submit(Request(_prompt(cfg, 5, 7), 40))
+    short = engine.submit(Request(_prompt(cfg, 5, 8), 3))
+    waiting = engine.submit(Request(_prompt(cfg, 5, 9), 4))
+    engine.step()  # admits long and short; the chunk stops when short is done
+    assert short.finish_reason == "length" and len(long.tokens) == 3 and waiting.finish_reason is None
+    engine.step()  # admits the waiting request into short's slot; its 4 tokens fit this chunk
+    assert waiting.finish_reason == "length" and long.finish_reason is None
+    _run(engine, [long, waiting])
+    assert waiting.tokens == generator.generate([waiting.prompt], 4, stop_tokens=())[0, -4:].tolist()
+    assert len(long.tokens) == 40
+    lone = Engine(generator, slots=2, chunk=16, bucket=8, stop_tokens=())  # nothing waiting: the whole chunk runs
+    a, b = lone.submit(Request(_prompt(cfg, 5, 7), 40)), lone.submit(Request(_prompt(cfg, 5, 8), 3))
+    lone.step()
+    assert b.finish_reason == "length" and len(a.tokens) == 17
+
+
+def test_warm_compiles_every_program_a_request_needs(generator):
+    cfg = generator.cfg
+    engine = Engine(generator, slots=5, chunk=4, bucket=8, stop_tokens=())
+    assert engine.row_counts() == [1, 2, 4, 5]
+    engine.warm([7, 12])
+    assert sorted(engine._prefill) == [8, 16] and engine.active == 0 and engine.stats["prefills"] == 2
+    compiled = engine._decode._cache_size()
+    specs = [(3, 2), (5, 20), (10, 6), (4, 10), (6, 14)]  # (prompt tokens, budget)
+    requests = [engine.submit(Request(_prompt(cfg, n, i), b)) for i, (n, b) in enumerate(specs)]
+    program, rows = engine._decode, []
+    engine._decode = lambda *a: (rows.append(a[-1]), program(*a))[1]
+    _run(engine, requests)
+    assert set(rows) == {5, 4, 2, 1}  # the chunks ran on fewer rows as requests finished
+    assert program._cache_size() == compiled == 4 and sorted(engine._prefill) == [8, 16]  # nothing new compiled
+    for r, (_, b) in zip(requests, specs):
+        assert r.tokens == generator.generate([r.prompt], b, stop_tokens=())[0, -b:].tolist()

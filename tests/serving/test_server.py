@@ -22,6 +22,16 @@ def alone(model, ids, n):
     return (row[:end], "stop") if end is not None else (row, "length")
 
 
+def idle_health(url, until=lambda: True, timeout=60):
+    """/health once no slot is active and nothing waits (and ``until()`` holds), or at the timeout."""
+    deadline = time.time() + timeout
+    while True:
+        health = httpx.get(url + "/health").json()
+        if (health["active_slots"] == 0 and health["queued"] == 0 and until()) or time.time() > deadline:
+            return health
+        time.sleep(0.1)
+
+
 def client(url):
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
@@ -95,26 +105,64 @@ def test_a_full_queue_is_429(served):
     assert r.status_code == 429 and "busy" in r.json()["error"]["message"]
 
 
-def test_concurrent_streams_each_equal_the_request_alone(served):
+def test_64_concurrent_streams_each_equal_the_request_alone(served, monkeypatch):
+    """64 streaming clients at once on 4 slots: 56 read their answers to the end (mixed
+    prompt lengths and max_tokens, chat and completions), 8 leave after their first chunk.
+    Every answer equals its request served alone, the leavers are cancelled, and no slot or
+    queue entry is left."""
+    import asyncio
+
     url, model, text, engine = served
-    questions = [("hello", 3), ("the quick brown fox", 9), ("jumps over", 5), ("number 7", 12), ("lazy dog", 1),
-                 ("hello world", 7), ("fox", 10), ("the", 4)] * 2
-    results = [None] * len(questions)
+    submitted = []
+    real = engine.submit
+    monkeypatch.setattr(engine, "submit", lambda r: (submitted.append(r), real(r))[1])
+    questions = ["hello", "the quick brown fox", "jumps over the lazy dog number 7", "fox", "the",
+                 "hello world! the quick brown fox 3 jumps", "number 14", "lazy dog. hello"]
+    budgets = [1, 3, 6, 10]
+    staying = [(questions[i % 8], budgets[(i // 8 + i) % 4], "chat" if i % 3 else "completions") for i in range(56)]
+    leaving = [(f"leave {i}", 40, "completions") for i in range(8)]
+    leaver_ids = {tuple(text.prompt_ids(q)) for q, _, _ in leaving}
 
-    def one(i, q, n):
-        chunks = client(url).chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": q}],
-                                                     max_tokens=n, temperature=0, stream=True)
-        results[i] = "".join(x.choices[0].delta.content or "" for x in chunks)
+    async def one(client, q, n, kind, leave):
+        if kind == "chat":
+            path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": q}]}
+        else:
+            path, body = "/v1/completions", {"prompt": q}
+        body.update(model="tiny-chat", max_tokens=n, temperature=0, stream=True)
+        parts, finish = [], None
+        async with client.stream("POST", url + path, json=body) as r:
+            assert r.status_code == 200, await r.aread()
+            async for line in r.aiter_lines():
+                if leave:
+                    return None  # the connection closes with the stream still open
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choice = json.loads(line[6:])["choices"][0]
+                parts.append(choice["delta"].get("content") or "" if kind == "chat" else choice["text"])
+                finish = choice["finish_reason"] or finish
+        return "".join(parts), finish
 
-    threads = [threading.Thread(target=one, args=(i, q, n)) for i, (q, n) in enumerate(questions)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    for (q, n), got in zip(questions, results):
-        assert got == text.decode(alone(model, text.prompt_ids(chat_prompt([], q)), n)[0]), q
-    health = httpx.get(url + "/health").json()
+    async def everyone():
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as c:
+            return await asyncio.gather(*(one(c, q, n, k, False) for q, n, k in staying),
+                                        *(one(c, q, n, k, True) for q, n, k in leaving))
+
+    results = asyncio.run(everyone())
+    longest = {}  # greedy: a budget's answer is the first tokens of the longest budget's
+    for (q, n, kind), got in zip(staying, results):
+        ids = tuple(text.prompt_ids(chat_prompt([], q) if kind == "chat" else q))
+        if ids not in longest:
+            longest[ids] = alone(model, list(ids), max(budgets))
+        tokens, reason = longest[ids]
+        want = (tokens, reason) if len(tokens) < n else (tokens[:n], "length")
+        assert got == (text.decode(want[0]), want[1]), (q, n, kind)
+    health = idle_health(url)
     assert health["active_slots"] == 0 and health["queued"] == 0 and health["status"] == "ok"
+    left = [r for r in submitted if tuple(r.prompt) in leaver_ids]
+    assert len(left) == len(leaving) and len(submitted) == 64
+    # A leaver stops where the server notices it go (unless its 40 tokens were out by then).
+    assert sum(r.finish_reason == "cancelled" for r in left) >= len(leaving) // 2, [r.finish_reason for r in left]
 
 
 def test_a_client_that_leaves_frees_its_slot(served, monkeypatch):
@@ -130,10 +178,6 @@ def test_a_client_that_leaves_frees_its_slot(served, monkeypatch):
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
         first = next(r.iter_lines())
         assert first.startswith("data: ") and json.loads(first[6:])["object"] == "text_completion"
-    for _ in range(100):
-        health = httpx.get(url + "/health").json()
-        if health["active_slots"] == 0 and cancelled:
-            break
-        time.sleep(0.1)
+    health = idle_health(url, until=lambda: bool(cancelled))
     assert health["active_slots"] == 0 and health["queued"] == 0
     assert cancelled and cancelled[0].finish_reason == "cancelled" and len(cancelled[0].tokens) < 50
