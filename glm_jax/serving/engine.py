@@ -9,7 +9,9 @@ thread repeats:
    lengths share one compiled program), choose its first token, and copy its cache rows,
    tokens and positions into the free slot.
 2. **Decode a chunk**: one compiled ``lax.while_loop`` advances every active slot up to
-   ``chunk`` tokens (fewer when a request waits and a slot frees: it is admitted at once).
+   ``chunk`` tokens (fewer when a request waits and a slot frees: it is admitted at once;
+   and while a slot is free, only as many steps as take about ``ADMIT_WITHIN`` seconds, so a
+   request that arrives meanwhile starts soon).
    Active requests always hold the lowest slots (a finished request's slot takes the last
    active row), so the chunk runs on the first ``rows`` slots only, ``rows`` the active
    count rounded up to a power of two: a half-empty server does half the work per token. Each row writes and attends at its own slot (``KVCache.index`` per
@@ -41,6 +43,11 @@ from glm_jax.config import ConfigError
 from glm_jax.inference import kv_cache
 from glm_jax.inference.decode import Generator, layout_batch
 from glm_jax.inference.sampling import RowSampling, Sampling, choose_rows
+
+
+# While a slot is free, a decoding chunk lasts about this long, so that a request arriving
+# meanwhile waits no longer than this for its prefill.
+ADMIT_WITHIN = 0.05
 
 
 class QueueFull(Exception):
@@ -100,7 +107,7 @@ class Engine:
         self._stopping = False
         self._prefill: dict = {}
         self._insert: dict = {}
-        self._decode = jax.jit(self._decode_chunk, donate_argnums=(1,), static_argnums=(4, 5))
+        self._decode = jax.jit(self._decode_chunk, donate_argnums=(1,), static_argnums=(5, 6))
         self._release = jax.jit(lambda state, slot: state.replace(done=state.done.at[slot].set(True)), donate_argnums=(0,))
         self._move = jax.jit(self._move_row, donate_argnums=(0,))
         self.state = self._empty()
@@ -144,7 +151,7 @@ class Engine:
         moved = jax.tree.map(lambda x: x.at[dst].set(x[src]), state)
         return moved.replace(done=moved.done.at[src].set(True))
 
-    def _decode_chunk(self, params, full: Slots, stops, refill, steps: int, rows: int):
+    def _decode_chunk(self, params, full: Slots, stops, refill, limit, steps: int, rows: int):
         # Only the first ``rows`` slots (all the active ones) decode: sliced out, then written back.
         state = full if rows == self.n_slots else jax.tree.map(lambda x: x[:rows], full)
         t0, done0 = state.t, state.done
@@ -153,7 +160,7 @@ class Engine:
             st, i = carry
             # With requests waiting (``refill``), the chunk ends as soon as a slot frees.
             freed = refill & jnp.any(st.done & ~done0)
-            return (i < steps) & ~jnp.all(st.done) & ~freed
+            return (i < jnp.minimum(limit, steps)) & ~jnp.all(st.done) & ~freed
 
         def step(carry):
             st, i = carry
@@ -284,9 +291,15 @@ class Engine:
         with self._lock:
             refill = bool(self._queue)
         rows = min(self.n_slots, 1 << (len(self._active) - 1).bit_length())
+        limit = self.chunk
+        if len(self._active) < self.n_slots and self.stats["steps"]:
+            # A slot is free: a request may arrive at any moment, so the chunk lasts about
+            # ADMIT_WITHIN seconds (by the measured step time), not ``chunk`` steps.
+            step_s = self.stats["decode_s"] / self.stats["steps"]
+            limit = max(1, min(self.chunk, int(ADMIT_WITHIN / step_s)))
         began = time.perf_counter()
-        self.state, new, counts = self._decode(self.gen.params, self.state, self._stops, np.bool_(refill), self.chunk,
-                                               rows)
+        self.state, new, counts = self._decode(self.gen.params, self.state, self._stops, np.bool_(refill),
+                                               np.int32(limit), self.chunk, rows)
         new, counts = np.asarray(new), np.asarray(counts)
         self.stats["chunks"] += 1
         self.stats["steps"] += int(counts.max())
@@ -312,7 +325,8 @@ class Engine:
             raise RuntimeError("warm() runs before start()")
         for rows in self.row_counts():
             log(f"compiling the decoding chunk for {rows} slot(s)")
-            self.state, *_ = self._decode(self.gen.params, self.state, self._stops, np.bool_(False), self.chunk, rows)
+            self.state, *_ = self._decode(self.gen.params, self.state, self._stops, np.bool_(False), np.int32(1),
+                                          self.chunk, rows)
         cfg = self.cfg
         for length in sorted({-(-n // self.bucket) * self.bucket for n in prompt_lengths}):
             n = min(length, self.length - 1)

@@ -129,3 +129,25 @@ def test_warm_compiles_every_program_a_request_needs(generator):
     assert program._cache_size() == compiled == 4 and sorted(engine._prefill) == [8, 16]  # nothing new compiled
     for r, (_, b) in zip(requests, specs):
         assert r.tokens == generator.generate([r.prompt], b, stop_tokens=())[0, -b:].tolist()
+
+
+def test_chunks_are_short_while_a_slot_is_free(generator, monkeypatch):
+    """While a slot is free a chunk lasts about ADMIT_WITHIN seconds (here: one step), so a
+    request that arrives meanwhile is admitted after one step, not a whole chunk; with every
+    slot busy, chunks are full."""
+    from glm_jax.serving import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "ADMIT_WITHIN", 0.0)
+    cfg = generator.cfg
+    engine = Engine(generator, slots=2, chunk=8, bucket=8, stop_tokens=())
+    first = engine.submit(Request(_prompt(cfg, 5, 10), 40))
+    engine.step()  # no step time measured yet: a whole chunk
+    assert len(first.tokens) == 9
+    engine.step()
+    assert len(first.tokens) == 10  # a slot is free: one step
+    second = engine.submit(Request(_prompt(cfg, 5, 11), 30))
+    engine.step()  # admitted at once; now both slots are busy: a whole chunk
+    assert len(first.tokens) == 18 and len(second.tokens) == 9
+    _run(engine, [first, second])
+    assert first.tokens == generator.generate([first.prompt], 40, stop_tokens=())[0, -40:].tolist()
+    assert second.tokens == generator.generate([second.prompt], 30, stop_tokens=())[0, -30:].tolist()
