@@ -1,8 +1,7 @@
 """Continuous batching: requests join and leave a running batch of KV-cache slots.
 
 The device holds ``slots`` rows of ``max_len`` cache slots each (prompt and answer; by
-default the model's ``max_seq_len``). One engine
-thread repeats:
+default the model's ``max_seq_len``). One engine thread repeats:
 
 1. **Admit**: while a slot is free and a request waits, prefill the request alone (its
    prompt left-padded to a multiple of ``bucket`` tokens, so that prompts of nearby
@@ -14,9 +13,10 @@ thread repeats:
    request that arrives meanwhile starts soon).
    Active requests always hold the lowest slots (a finished request's slot takes the last
    active row), so the chunk runs on the first ``rows`` slots only, ``rows`` the active
-   count rounded up to a power of two: a half-empty server does half the work per token. Each row writes and attends at its own slot (``KVCache.index`` per
-   row) and samples by its own settings (``sampling.RowSampling``); a row stops at a stop
-   token or its token budget and then idles until freed.
+   count rounded up to a power of two: a half-empty server does half the work per token.
+   Each row writes and attends at its own slot (``KVCache.index`` per row) and samples by
+   its own settings (``sampling.RowSampling``); a row stops at a stop token or its token
+   budget and then idles until freed.
 3. **Hand out** each slot's new tokens to its request; a finished or cancelled request
    frees its slot at once, so a waiting request takes it before the next chunk.
 
@@ -112,7 +112,7 @@ class Engine:
         self._move = jax.jit(self._move_row, donate_argnums=(0,))
         self.state = self._empty()
         self.error: Optional[BaseException] = None
-        # Where the engine thread's time goes (read by benchmarks and /health).
+        # Where the engine thread's time goes (bench serve reports it).
         self.stats = {"prefills": 0, "prefill_s": 0.0, "chunks": 0, "steps": 0, "decoded": 0, "decode_s": 0.0}
 
     # -- device programs -------------------------------------------------------------------
