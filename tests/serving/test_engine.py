@@ -151,3 +151,17 @@ def test_chunks_are_short_while_a_slot_is_free(generator, monkeypatch):
     _run(engine, [first, second])
     assert first.tokens == generator.generate([first.prompt], 40, stop_tokens=())[0, -40:].tolist()
     assert second.tokens == generator.generate([second.prompt], 30, stop_tokens=())[0, -30:].tolist()
+
+
+def test_max_len_bounds_prompt_and_answer(generator):
+    from glm_jax.config import ConfigError
+    from glm_jax.inference.decode import PromptError
+
+    cfg = generator.cfg
+    with pytest.raises(ConfigError, match=f"max_len=1: a slot holds 2 to {cfg.max_seq_len} tokens"):
+        Engine(generator, max_len=1)
+    engine = Engine(generator, slots=2, max_len=16)
+    assert engine.length == 16 and engine.state.tokens.shape == (2, 16) and engine.state.cache.slots == 16
+    with pytest.raises(PromptError, match="exceeds the model's maximum of 16"):
+        engine.submit(Request(_prompt(cfg, 10, 0), 5))  # 12 prompt tokens + 5 > 16
+    assert engine.queued == 0

@@ -181,3 +181,25 @@ def test_a_client_that_leaves_frees_its_slot(served, monkeypatch):
     health = idle_health(url, until=lambda: bool(cancelled))
     assert health["active_slots"] == 0 and health["queued"] == 0
     assert cancelled and cancelled[0].finish_reason == "cancelled" and len(cancelled[0].tokens) < 50
+
+
+def test_token_id_prompts_and_usage_in_the_stream(served):
+    """A prompt of token ids is the text's encoding (the same answer as the text); with
+    include_usage the stream's last chunk carries the token counts and no choices."""
+    url, model, text, engine = served
+    c = client(url)
+    ids = text.prompt_ids("the quick brown")
+    encoded = text.encode("the quick brown")
+    assert ids == encoded + [model.config.gmask_token_id, model.config.sop_token_id]
+    want, reason = alone(model, ids, 6)
+    r = c.completions.create(model="tiny-chat", prompt=encoded, max_tokens=6, temperature=0)
+    assert r.choices[0].text == text.decode(want) and r.usage.prompt_tokens == len(ids)
+    chunks = list(c.completions.create(model="tiny-chat", prompt="the quick brown", max_tokens=6, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want)
+    assert chunks[-1].usage.prompt_tokens == len(ids) and all(x.usage is None for x in chunks[:-1])
+    assert "".join(x.choices[0].text for x in chunks[:-1]) == text.decode(want)
+    bad = httpx.post(url + "/v1/completions", json={"prompt": [5, 10**7], "max_tokens": 2}, timeout=60)
+    assert bad.status_code == 400 and "outside the vocabulary" in bad.json()["error"]["message"]
+    empty = httpx.post(url + "/v1/completions", json={"prompt": [], "max_tokens": 2}, timeout=60)
+    assert empty.status_code == 400 and "prompt is empty" in empty.json()["error"]["message"]
