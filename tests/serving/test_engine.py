@@ -23,14 +23,31 @@ def _prompt(cfg, n, seed):
     return [int(t) for t in rng.integers(1, 99, n)] + [cfg.gmask_token_id, cfg.sop_token_id]
 
 
-def _alone(gen, prompt, n):
-    row = gen.generate([prompt], n)[0, -n:].tolist()
+# References are generated once per prompt at this budget, with no stop tokens, and cut:
+# greedy answers are prefixes of each other, and one budget compiles one program per prompt
+# length for the whole module rather than one per (length, budget).
+LONGEST = 40
+_greedy: dict = {}
+
+
+def _alone(gen, prompt, n, stops=True):
+    """The first ``n`` greedy tokens of ``prompt`` generated alone, cut at a stop token
+    (unless ``stops`` is False), and the finish reason."""
+    assert n <= LONGEST
+    key = tuple(prompt)
+    if key not in _greedy:
+        _greedy[key] = gen.generate([list(prompt)], LONGEST, stop_tokens=())[0, -LONGEST:].tolist()
     out = []
-    for t in row:
-        if t in gen.stop_tokens:
+    for t in _greedy[key][:n]:
+        if stops and t in gen.stop_tokens:
             return out, "stop"
         out.append(t)
     return out, "length"
+
+
+def _tokens(gen, prompt, n):
+    """The ``n`` greedy tokens alone with no stop token (engines built with ``stop_tokens=()``)."""
+    return _alone(gen, prompt, n, stops=False)[0]
 
 
 def _run(engine, requests, limit=500):
@@ -86,7 +103,7 @@ def test_cancelled_requests_free_their_slots(generator):
     engine.cancel(a)
     _run(engine, [a, b])
     assert a.finish_reason == "cancelled" and len(a.tokens) < 40
-    assert b.finish_reason == "length" and b.tokens == generator.generate([b.prompt], 3, stop_tokens=())[0, -3:].tolist()
+    assert b.finish_reason == "length" and b.tokens == _tokens(generator, b.prompt, 3)
     c = engine.submit(Request(_prompt(cfg, 6, 6), 3))
     engine.cancel(c)  # cancelled while waiting: never takes a slot
     assert not engine.step() and c.finish_reason == "cancelled" and engine.active == 0
@@ -105,7 +122,7 @@ def test_a_freed_slot_is_refilled_within_the_chunk(generator):
     engine.step()  # admits the waiting request into short's slot; its 4 tokens fit this chunk
     assert waiting.finish_reason == "length" and long.finish_reason is None
     _run(engine, [long, waiting])
-    assert waiting.tokens == generator.generate([waiting.prompt], 4, stop_tokens=())[0, -4:].tolist()
+    assert waiting.tokens == _tokens(generator, waiting.prompt, 4)
     assert len(long.tokens) == 40
     lone = Engine(generator, slots=2, chunk=16, bucket=8, stop_tokens=())  # nothing waiting: the whole chunk runs
     a, b = lone.submit(Request(_prompt(cfg, 5, 7), 40)), lone.submit(Request(_prompt(cfg, 5, 8), 3))
@@ -128,7 +145,7 @@ def test_warm_compiles_every_program_a_request_needs(generator):
     assert set(rows) == {5, 4, 2, 1}  # the chunks ran on fewer rows as requests finished
     assert program._cache_size() == compiled == 4 and sorted(engine._prefill) == [8, 16]  # nothing new compiled
     for r, (_, b) in zip(requests, specs):
-        assert r.tokens == generator.generate([r.prompt], b, stop_tokens=())[0, -b:].tolist()
+        assert r.tokens == _tokens(generator, r.prompt, b)
 
 
 def test_chunks_are_short_while_a_slot_is_free(generator, monkeypatch):
@@ -149,8 +166,8 @@ def test_chunks_are_short_while_a_slot_is_free(generator, monkeypatch):
     engine.step()  # admitted at once; now both slots are busy: a whole chunk
     assert len(first.tokens) == 18 and len(second.tokens) == 9
     _run(engine, [first, second])
-    assert first.tokens == generator.generate([first.prompt], 40, stop_tokens=())[0, -40:].tolist()
-    assert second.tokens == generator.generate([second.prompt], 30, stop_tokens=())[0, -30:].tolist()
+    assert first.tokens == _tokens(generator, first.prompt, 40)
+    assert second.tokens == _tokens(generator, second.prompt, 30)
 
 
 def test_max_len_bounds_prompt_and_answer(generator):
