@@ -20,6 +20,10 @@ def test_bench_serve_levels(capsys):
     assert three["speedup"] == pytest.approx(three["tokens_per_s"] / one["tokens_per_s"])
     assert 0 < three["ttft_p50_s"] <= three["ttft_p99_s"] and 1 <= three["rows_per_step"] <= 3
     assert 0 < three["prefill_share"] + three["decode_share"] <= 1.0
+    # One client is in flight until the end: its full-concurrency window holds every token.
+    assert one["full_tokens"] == one["generated_tokens"] and one["full_seconds"] <= one["seconds"]
+    assert 0 < three["full_tokens"] <= three["generated_tokens"] and three["full_seconds"] <= three["seconds"]
+    assert three["full_speedup"] == pytest.approx(three["full_tokens_per_s"] / one["tokens_per_s"])
 
 
 @pytest.mark.parametrize("flags, message", [
