@@ -6,7 +6,8 @@ OpenAI's ``/v1/chat/completions`` and ``/v1/completions`` (JSON, or server-sent 
 ``api.py`` body) and a chat page at ``/`` (``glm_jax.serving``). ``--max-batch`` KV-cache
 slots decode together, ``--chunk`` tokens per compiled call; requests beyond the slots wait
 in a queue of ``--max-queue`` (then 429). Model flags as ``generate``: ``--quantize``,
-``--ptuning-checkpoint``, ``--lora-adapter``, ``--dtype``, ``--vocab``.
+``--ptuning-checkpoint``, ``--lora-adapter``, ``--dtype``, ``--vocab``, and
+``--model-parallel N`` (the model split over the first N devices).
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise cli.UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_queue < 0:
         raise cli.UsageError(f"--max-queue must be >= 0, got {args.max_queue}")
-    if args.model_parallel > 1:
-        raise cli.UsageError("--model-parallel: the server runs on one device for now")
-    model, text = cli.load_model_and_text(args, read_prefix=ptuning.read, read_adapter=lora_adapter.read)
+    # With --model-parallel N the model is split over N devices (axis model); the slots are not
+    # split over data, so the mesh holds those N devices only.
+    model, text = cli.load_model_and_text(args, read_prefix=ptuning.read, read_adapter=lora_adapter.read,
+                                          data_parallel=False)
     # The web stack loads only once the model has: a bad flag or checkpoint fails fast.
     import uvicorn
 

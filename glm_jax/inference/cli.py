@@ -108,8 +108,11 @@ def check_model_parallel(n: int, cfg) -> None:
                          f"{cfg.mlp_dim} MLP units; valid values: {', '.join(map(str, valid))}")
 
 
-def load_model_and_text(args, read_prefix=None, read_adapter=None):
+def load_model_and_text(args, read_prefix=None, read_adapter=None, data_parallel=True):
     """(LoadedModel, PromptText) from the model flags; every problem is one clear line.
+    With ``--model-parallel N`` the mesh splits the model N ways over ``model`` and, unless
+    ``data_parallel`` is False, takes every device (the rest as ``data``); False builds it from
+    the first N devices only (the server's slots are not split over ``data``).
     ``read_prefix(path, base config)``: reads ``--ptuning-checkpoint`` (the entry points pass
     ``glm_jax.convert.ptuning.read``); ``read_adapter`` likewise ``--lora-adapter``
     (``glm_jax.convert.lora_adapter.read``)."""
@@ -123,7 +126,14 @@ def load_model_and_text(args, read_prefix=None, read_adapter=None):
 
         if cfg_file is not None:
             check_model_parallel(args.model_parallel, cfg_file.model)
-        mesh = make_mesh(MeshConfig(data=-1, model=args.model_parallel))
+        if data_parallel:
+            mesh = make_mesh(MeshConfig(data=-1, model=args.model_parallel))
+        else:
+            import jax  # as make_mesh: only with --model-parallel
+
+            if args.model_parallel > jax.device_count():
+                raise UsageError(f"--model-parallel {args.model_parallel}: only {jax.device_count()} devices")
+            mesh = make_mesh(MeshConfig(data=1, model=args.model_parallel), jax.devices()[: args.model_parallel])
     try:
         prefix = None
         if args.ptuning_checkpoint:

@@ -142,10 +142,12 @@ def nbytes(cfg: ModelConfig, batch: int, slots: int, dtype=None) -> int:
     return 2 * per * batch * slots
 
 
-def sharding(mesh: Mesh, cfg: ModelConfig, decoding: bool = False) -> KVCache:
-    """Where a cache lives on ``mesh``: batch over the data axis, heads over the model axis."""
+def sharding(mesh: Mesh, cfg: ModelConfig, decoding: bool = False, split_batch: bool = True) -> KVCache:
+    """Where a cache lives on ``mesh``: batch over the data axis (unless ``split_batch`` is
+    False: every row on every data replica), heads over the model axis."""
 
     def place(axes: tuple, stacked: bool) -> Any:
+        axes = axes if split_batch else (None,) + axes[1:]
         spec = PartitionSpec(*((("layers",) if stacked else ()) + axes))
         return NamedSharding(mesh, rules.logical_to_mesh_spec(spec))
 
@@ -154,5 +156,5 @@ def sharding(mesh: Mesh, cfg: ModelConfig, decoding: bool = False) -> KVCache:
     else:
         k = tuple(place(K_AXES, False) for _ in range(cfg.num_layers))
         v = tuple(place(V_AXES, False) for _ in range(cfg.num_layers))
-    batch = NamedSharding(mesh, rules.logical_to_mesh_spec(PartitionSpec("batch")))
+    batch = NamedSharding(mesh, rules.logical_to_mesh_spec(PartitionSpec("batch" if split_batch else None)))
     return KVCache(k=k, v=v, start=batch, index=rules.replicated(mesh), decoding=decoding)

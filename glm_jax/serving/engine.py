@@ -20,6 +20,11 @@ default the model's ``max_seq_len``). One engine thread repeats:
 3. **Hand out** each slot's new tokens to its request; a finished or cancelled request
    frees its slot at once, so a waiting request takes it before the next chunk.
 
+On a generator with a mesh (``--model-parallel``), the programs run under its logical-axis
+rules: weights split over ``model`` as the generator placed them, the slots' keys and values
+split by heads, every other field whole on each device. The rows are not split over
+``data`` (they change every chunk), so the mesh must have data = pipe = 1.
+
 A request's tokens are those it would get alone (greedy: token for token, as the tests
 check against ``Generator.generate``): its rows never see another request's slots, and
 its positions are laid out from its own prompt (``decode.layout_batch``).
@@ -43,6 +48,7 @@ from glm_jax.config import ConfigError
 from glm_jax.inference import kv_cache
 from glm_jax.inference.decode import Generator, layout_batch
 from glm_jax.inference.sampling import RowSampling, Sampling, choose_rows
+from glm_jax.parallel import rules
 
 
 # While a slot is free, a decoding chunk lasts about this long, so that a request arriving
@@ -91,8 +97,10 @@ class Engine:
         model_len = generator.cfg.max_seq_len
         if max_len is not None and not 2 <= max_len <= model_len:
             raise ConfigError(f"max_len={max_len}: a slot holds 2 to {model_len} tokens (the model's max_seq_len)")
-        if generator.mesh is not None:
-            raise ConfigError("continuous batching runs on one device for now (no --model-parallel)")
+        mesh = generator.mesh
+        if mesh is not None and any(size > 1 for axis, size in mesh.shape.items() if axis != "model"):
+            raise ConfigError(f"continuous batching splits a model over the mesh's model axis only (its slots change "
+                              f"rows every chunk); got mesh {dict(mesh.shape)}: build it with data=1, pipe=1")
         self.gen = generator
         self.length = max_len or model_len
         # Prompts are laid out and checked against the slot length, not the model's.
@@ -107,22 +115,39 @@ class Engine:
         self._stopping = False
         self._prefill: dict = {}
         self._insert: dict = {}
-        self._decode = jax.jit(self._decode_chunk, donate_argnums=(1,), static_argnums=(5, 6))
-        self._release = jax.jit(lambda state, slot: state.replace(done=state.done.at[slot].set(True)), donate_argnums=(0,))
-        self._move = jax.jit(self._move_row, donate_argnums=(0,))
+        # On a mesh, every program hands the slots back laid out as they came (heads over
+        # ``model``), so the next call reuses its compiled program.
+        placed = {} if mesh is None else {"out_shardings": self._state_sharding()}
+        rep = None if mesh is None else rules.replicated(mesh)
+        self._decode = jax.jit(self._decode_chunk, donate_argnums=(1,), static_argnums=(5, 6),
+                               **({} if mesh is None else {"out_shardings": (placed["out_shardings"], rep, rep)}))
+        self._release = jax.jit(lambda state, slot: state.replace(done=state.done.at[slot].set(True)), donate_argnums=(0,),
+                                **placed)
+        self._move = jax.jit(self._move_row, donate_argnums=(0,), **placed)
+        self._placed = placed
         self.state = self._empty()
         self.error: Optional[BaseException] = None
         # Where the engine thread's time goes (bench serve reports it).
         self.stats = {"prefills": 0, "prefill_s": 0.0, "chunks": 0, "steps": 0, "decoded": 0, "decode_s": 0.0}
 
     # -- device programs -------------------------------------------------------------------
+    def _state_sharding(self) -> Slots:
+        """Where the slots live on the generator's mesh: keys and values split by heads over
+        ``model`` (the cache's own rule), every other field whole on every device."""
+        mesh = self.gen.mesh
+        rep = rules.replicated(mesh)
+        cache = kv_cache.sharding(mesh, self.cfg, decoding=True, split_batch=False)
+        return Slots(tokens=rep, positions=rep, cache=cache, t=rep, limit=rep, done=rep,
+                     sampling=RowSampling(greedy=rep, temperature=rep, top_k=rep, top_p=rep, seed=rep))
+
     def _empty(self) -> Slots:
         cfg, s, t = self.cfg, self.n_slots, self.length
         cache = kv_cache.allocate(cfg, s, t, np.zeros(s, np.int32)).replace(decoding=True, index=jnp.zeros(s, jnp.int32))
         positions = np.zeros((s, 2, t) if cfg.two_d_positions else (s, t), np.int32)
-        return Slots(tokens=jnp.full((s, t), cfg.pad_token_id, jnp.int32), positions=jnp.asarray(positions), cache=cache,
-                     t=jnp.zeros(s, jnp.int32), limit=jnp.zeros(s, jnp.int32), done=jnp.ones(s, bool),
-                     sampling=jax.tree.map(jnp.asarray, RowSampling.of([Sampling()] * s)))
+        state = Slots(tokens=jnp.full((s, t), cfg.pad_token_id, jnp.int32), positions=jnp.asarray(positions), cache=cache,
+                      t=jnp.zeros(s, jnp.int32), limit=jnp.zeros(s, jnp.int32), done=jnp.ones(s, bool),
+                      sampling=jax.tree.map(jnp.asarray, RowSampling.of([Sampling()] * s)))
+        return state if self.gen.mesh is None else jax.device_put(state, self._placed["out_shardings"])
 
     def _prefill_one(self, params, tokens, positions, prefix_len, segment_ids, start, sampling):
         logits, cache = self.gen._first(params, tokens, positions, prefix_len, segment_ids, start)
@@ -250,7 +275,7 @@ class Engine:
             prefix_len, segment_ids = prefix_len[:, None], np.ones_like(batch.tokens)
         if length not in self._prefill:
             self._prefill[length] = jax.jit(self._prefill_one)
-            self._insert[length] = jax.jit(self._insert_one, donate_argnums=(0,))
+            self._insert[length] = jax.jit(self._insert_one, donate_argnums=(0,), **self._placed)
         sampling = jax.tree.map(jnp.asarray, RowSampling.of([request.sampling]))
         positions = np.zeros(batch.positions.shape[:-1] + (self.length,), np.int32)
         positions[..., : batch.positions.shape[-1]] = batch.positions
@@ -281,6 +306,10 @@ class Engine:
 
     def step(self) -> bool:
         """Admit what fits, decode one chunk, hand out its tokens; False when idle."""
+        with rules.mesh_context(self.gen.mesh):  # the mesh and logical-axis rules (nothing on one device)
+            return self._step()
+
+    def _step(self) -> bool:
         with self._lock:
             for request in list(self._active.values()):
                 if request._cancelled:
@@ -323,6 +352,10 @@ class Engine:
         count, and the prefill of prompts of these lengths (one per ``bucket`` multiple)."""
         if self._thread is not None:
             raise RuntimeError("warm() runs before start()")
+        with rules.mesh_context(self.gen.mesh):
+            return self._warm(prompt_lengths, log)
+
+    def _warm(self, prompt_lengths, log) -> "Engine":
         for rows in self.row_counts():
             log(f"compiling the decoding chunk for {rows} slot(s)")
             self.state, *_ = self._decode(self.gen.params, self.state, self._stops, np.bool_(False), np.int32(1),

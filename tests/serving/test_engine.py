@@ -182,3 +182,26 @@ def test_max_len_bounds_prompt_and_answer(generator):
     with pytest.raises(PromptError, match="exceeds the model's maximum of 16"):
         engine.submit(Request(_prompt(cfg, 10, 0), 5))  # 12 prompt tokens + 5 > 16
     assert engine.queued == 0
+
+
+def test_a_model_parallel_engine_gives_the_one_device_answers(generator):
+    """Heads and MLP split over model=4: the slots' keys and values are split by heads, and
+    every request gets the single-device answer; a mesh with data > 1 is refused."""
+    import jax
+
+    from glm_jax.config import ConfigError, MeshConfig
+    from glm_jax.parallel.mesh import make_mesh
+
+    cfg = variant("chatglm-6b")  # the fixture's weights (generator.cfg is the generation layout's config)
+    sharded = Generator(cfg, random_params(cfg), mesh=make_mesh(MeshConfig(data=1, model=4), jax.devices()[:4]))
+    engine = Engine(sharded, slots=2, chunk=4, bucket=8, stop_tokens=())
+    k = engine.state.cache.k[0]
+    assert k.sharding.shard_shape(k.shape)[1] == cfg.num_heads // 4 and k.sharding.shard_shape(k.shape)[0] == 2
+    specs = [(5, 12), (6, 3), (4, 9)]  # three requests over two slots: one waits, then takes a freed slot
+    requests = [engine.submit(Request(_prompt(cfg, n, 20 + i), b)) for i, (n, b) in enumerate(specs)]
+    _run(engine, requests)
+    for r, (_, b) in zip(requests, specs):
+        assert r.tokens == _tokens(generator, r.prompt, b)
+    assert engine.state.cache.k[0].sharding == k.sharding  # laid out as it started, chunk after chunk
+    with pytest.raises(ConfigError, match="model axis only .* build it with data=1"):
+        Engine(Generator(cfg, random_params(cfg), mesh=make_mesh(MeshConfig(data=2, model=4))))

@@ -203,3 +203,16 @@ def test_token_id_prompts_and_usage_in_the_stream(served):
     assert bad.status_code == 400 and "outside the vocabulary" in bad.json()["error"]["message"]
     empty = httpx.post(url + "/v1/completions", json={"prompt": [], "max_tokens": 2}, timeout=60)
     assert empty.status_code == 400 and "prompt is empty" in empty.json()["error"]["message"]
+
+
+def test_the_servers_model_parallel_mesh_holds_only_its_devices(workdir):
+    """``serve --model-parallel N`` loads the model on the first N devices (data=1: the engine
+    does not split its slots over data)."""
+    import argparse
+
+    from glm_jax.inference import cli
+
+    args = argparse.Namespace(checkpoint=workdir, vocab=None, vocab_id_offset=None, quantize=None, dtype=None,
+                              model_parallel=2, ptuning_checkpoint=None, lora_adapter=None)
+    model = cli.load_model_and_text(args, data_parallel=False)[0]
+    assert dict(model.mesh.shape) == {"data": 1, "pipe": 1, "model": 2} and model.mesh.devices.size == 2
