@@ -197,9 +197,13 @@ def test_a_model_parallel_engine_gives_the_one_device_answers(generator):
     engine = Engine(sharded, slots=2, chunk=4, bucket=8, stop_tokens=())
     k = engine.state.cache.k[0]
     assert k.sharding.shard_shape(k.shape)[1] == cfg.num_heads // 4 and k.sharding.shard_shape(k.shape)[0] == 2
+    engine.warm([7])  # as serve does before it listens
+    compiled = engine._decode._cache_size()
     specs = [(5, 12), (6, 3), (4, 9)]  # three requests over two slots: one waits, then takes a freed slot
     requests = [engine.submit(Request(_prompt(cfg, n, 20 + i), b)) for i, (n, b) in enumerate(specs)]
     _run(engine, requests)
+    assert engine._decode._cache_size() == compiled == 2 and sorted(engine._prefill) == [8]  # the warmed programs
+    assert engine._prefill[8]._cache_size() == engine._insert[8]._cache_size() == 1
     for r, (_, b) in zip(requests, specs):
         assert r.tokens == _tokens(generator, r.prompt, b)
     assert engine.state.cache.k[0].sharding == k.sharding  # laid out as it started, chunk after chunk

@@ -216,3 +216,47 @@ def test_the_servers_model_parallel_mesh_holds_only_its_devices(workdir):
                               model_parallel=2, ptuning_checkpoint=None, lora_adapter=None)
     model = cli.load_model_and_text(args, data_parallel=False)[0]
     assert dict(model.mesh.shape) == {"data": 1, "pipe": 1, "model": 2} and model.mesh.devices.size == 2
+
+
+def test_the_serve_command_with_model_parallel(served, workdir):
+    """``python -m glm_jax.serve`` as a user starts it, the model split over two of eight
+    devices: it logs its warm-up and address, answers the openai client with the one-device
+    greedy answer, and stops on SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import _free_port
+
+    _, model, text, _ = served
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-m", "glm_jax.serve", "--checkpoint", str(workdir), "--port", str(port),
+                             "--max-batch", "2", "--max-len", "48", "--model-parallel", "2"],
+                            cwd=root, env=env, stderr=subprocess.PIPE, text=True)
+    log: list = []
+    threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
+    try:
+        deadline = time.time() + 180
+        while not any(f"on http://127.0.0.1:{port}" in line for line in log):
+            assert proc.poll() is None and time.time() < deadline, "".join(log)
+            time.sleep(0.1)
+        assert any("compiling the decoding chunk for 2 slot(s)" in line for line in log), "".join(log)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):  # uvicorn binds just after the line above
+            try:
+                httpx.get(url + "/health")
+                break
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        want, reason = alone(model, text.prompt_ids("the lazy dog"), 6)
+        r = client(url).completions.create(model="m", prompt="the lazy dog", max_tokens=6, temperature=0)
+        assert r.choices[0].text == text.decode(want) and r.choices[0].finish_reason == reason
+        assert httpx.get(url + "/health").json()["active_slots"] == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    # uvicorn shuts down, then raises the signal it caught again, so the exit status is SIGTERM's.
+    assert proc.returncode == -signal.SIGTERM
