@@ -117,20 +117,24 @@ class Engine:
         self._insert: dict = {}
         # On a mesh, every program hands the slots back laid out as they came (heads over
         # ``model``), so the next call reuses its compiled program.
-        placed = {} if mesh is None else {"out_shardings": self._state_sharding()}
+        self._sharding = None if mesh is None else self._state_sharding()
         rep = None if mesh is None else rules.replicated(mesh)
-        self._decode = jax.jit(self._decode_chunk, donate_argnums=(1,), static_argnums=(5, 6),
-                               **({} if mesh is None else {"out_shardings": (placed["out_shardings"], rep, rep)}))
-        self._release = jax.jit(lambda state, slot: state.replace(done=state.done.at[slot].set(True)), donate_argnums=(0,),
-                                **placed)
-        self._move = jax.jit(self._move_row, donate_argnums=(0,), **placed)
-        self._placed = placed
+        self._decode = self._jit(self._decode_chunk, (self._sharding, rep, rep), donate_argnums=(1,), static_argnums=(5, 6))
+        self._release = self._jit(lambda state, slot: state.replace(done=state.done.at[slot].set(True)), self._sharding,
+                                  donate_argnums=(0,))
+        self._move = self._jit(self._move_row, self._sharding, donate_argnums=(0,))
         self.state = self._empty()
         self.error: Optional[BaseException] = None
         # Where the engine thread's time goes (bench serve reports it).
         self.stats = {"prefills": 0, "prefill_s": 0.0, "chunks": 0, "steps": 0, "decoded": 0, "decode_s": 0.0}
 
     # -- device programs -------------------------------------------------------------------
+    def _jit(self, fn, out_shardings, **kwargs):
+        """``jax.jit(fn)``; on a mesh, with its outputs laid out as ``out_shardings``."""
+        if self.gen.mesh is None:
+            return jax.jit(fn, **kwargs)
+        return jax.jit(fn, out_shardings=out_shardings, **kwargs)
+
     def _state_sharding(self) -> Slots:
         """Where the slots live on the generator's mesh: keys and values split by heads over
         ``model`` (the cache's own rule), every other field whole on every device."""
@@ -147,7 +151,7 @@ class Engine:
         state = Slots(tokens=jnp.full((s, t), cfg.pad_token_id, jnp.int32), positions=jnp.asarray(positions), cache=cache,
                       t=jnp.zeros(s, jnp.int32), limit=jnp.zeros(s, jnp.int32), done=jnp.ones(s, bool),
                       sampling=jax.tree.map(jnp.asarray, RowSampling.of([Sampling()] * s)))
-        return state if self.gen.mesh is None else jax.device_put(state, self._placed["out_shardings"])
+        return state if self._sharding is None else jax.device_put(state, self._sharding)
 
     def _prefill_one(self, params, tokens, positions, prefix_len, segment_ids, start, sampling):
         logits, cache = self.gen._first(params, tokens, positions, prefix_len, segment_ids, start)
@@ -275,7 +279,7 @@ class Engine:
             prefix_len, segment_ids = prefix_len[:, None], np.ones_like(batch.tokens)
         if length not in self._prefill:
             self._prefill[length] = jax.jit(self._prefill_one)
-            self._insert[length] = jax.jit(self._insert_one, donate_argnums=(0,), **self._placed)
+            self._insert[length] = self._jit(self._insert_one, self._sharding, donate_argnums=(0,))
         sampling = jax.tree.map(jnp.asarray, RowSampling.of([request.sampling]))
         positions = np.zeros(batch.positions.shape[:-1] + (self.length,), np.int32)
         positions[..., : batch.positions.shape[-1]] = batch.positions

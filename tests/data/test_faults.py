@@ -69,7 +69,13 @@ def read(corpus, batches):
     p = subprocess.run([sys.executable, "-c", READ, corpus, str(batches)], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    # TensorFlow's own teardown race: when close() cuts prefetching short, a generator iterator
+    # that was opened but never read is finalized by deleting an id that was never stored
+    # (``iterator_completed`` in tensorflow/python/data/ops/dataset_ops.py), and TF logs that
+    # KeyError from its finalizer thread, once per log line. The rows are all read by then.
+    # Any other traceback fails.
+    tracebacks = p.stderr.count("Traceback (most recent call last)")
+    assert tracebacks == p.stderr.count(", in finalize_py_func\n"), p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 

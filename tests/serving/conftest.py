@@ -1,7 +1,6 @@
 """A real server on 127.0.0.1 over a small ChatGLM-shaped model with its own vocabulary,
 shared by the serving tests."""
 
-import socket
 import threading
 import time
 
@@ -9,6 +8,7 @@ import pytest
 
 from inference.inference_fixtures import random_params
 from helpers import training_workdir, variant
+from serving.serving_fixtures import free_port, model_flags
 
 TEXT = "\n".join(f"the quick brown fox {i} jumps over the lazy dog number {i * 7}. hello world!" for i in range(300))
 
@@ -21,28 +21,18 @@ def workdir(tmp_path_factory):
     return training_workdir(d / "run", cfg, random_params(cfg), d / "text.txt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def served(workdir):
     """(base URL, LoadedModel, PromptText, Engine) of a running server: 4 slots, chunks of 4."""
-    import argparse
-
     import uvicorn
 
     from glm_jax.inference import cli
     from glm_jax.serving.engine import Engine
     from glm_jax.serving.server import create_app
 
-    args = argparse.Namespace(checkpoint=workdir, vocab=None, vocab_id_offset=None, quantize=None, dtype=None,
-                              model_parallel=1, ptuning_checkpoint=None, lora_adapter=None)
-    model, text = cli.load_model_and_text(args)
+    model, text = cli.load_model_and_text(model_flags(workdir))
     engine = Engine(model.generator, slots=4, chunk=4, bucket=16, max_queue=64).start()
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(engine, text, model_name="tiny-chat", default_max_tokens=8),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

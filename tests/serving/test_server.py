@@ -208,13 +208,10 @@ def test_token_id_prompts_and_usage_in_the_stream(served):
 def test_the_servers_model_parallel_mesh_holds_only_its_devices(workdir):
     """``serve --model-parallel N`` loads the model on the first N devices (data=1: the engine
     does not split its slots over data)."""
-    import argparse
-
+    from serving.serving_fixtures import model_flags
     from glm_jax.inference import cli
 
-    args = argparse.Namespace(checkpoint=workdir, vocab=None, vocab_id_offset=None, quantize=None, dtype=None,
-                              model_parallel=2, ptuning_checkpoint=None, lora_adapter=None)
-    model = cli.load_model_and_text(args, data_parallel=False)[0]
+    model = cli.load_model_and_text(model_flags(workdir, model_parallel=2), data_parallel=False)[0]
     assert dict(model.mesh.shape) == {"data": 1, "pipe": 1, "model": 2} and model.mesh.devices.size == 2
 
 
@@ -227,10 +224,10 @@ def test_the_serve_command_with_model_parallel(served, workdir):
     import subprocess
     import sys
 
-    from conftest import _free_port
+    from serving.serving_fixtures import free_port
 
     _, model, text, _ = served
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, "-m", "glm_jax.serve", "--checkpoint", str(workdir), "--port", str(port),
